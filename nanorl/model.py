@@ -184,9 +184,14 @@ def apply_rope(x, cos, sin):
 class KVCache:
     """A preallocated key/value cache for every layer, [B, n_kv_heads, max_len, head_dim] each.
 
-    All rows write at the same slot index `pos`; a row whose prompt is shorter is left-padded, and
-    `start[b]` is its first real slot: attention never looks before it, and RoPE positions count
-    from it, so a row's numbers do not depend on how much padding its batch needed.
+    All rows write at the same slots; a row whose prompt is shorter is left-padded, and `start[b]` is
+    its first real slot: attention never looks before it, and RoPE positions count from it, so a
+    row's numbers do not depend on how much padding its batch needed.
+
+    Attention always spans the whole preallocated length with a mask (unwritten slots are masked),
+    and the write position lives in a device tensor that is advanced in place: a decode step then has
+    fixed shapes and no Python-side state, so it can be captured in a CUDA graph (gpt-fast style).
+    The extra attention work is small next to the matmuls at these lengths.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size, max_len, device, dtype):
@@ -194,50 +199,46 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.start = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.pos = 0  # next free slot, the same for every row
+        self.pos_t = torch.zeros((), dtype=torch.long, device=device)  # next free slot, on the device
+        self.pos = 0  # the same number, mirrored on the host (it only ever advances by known amounts)
         self.max_len = max_len
-        self.mask = None  # [B, 1, T, pos+T] for the forward in progress, built once for all layers
+        self.key_idx = torch.arange(max_len, device=device)
+        self.slots = self.mask = None  # for the forward in progress, built once for all layers
 
     @property
     def batch_size(self):
         return self.start.shape[0]
 
-    def positions(self, T):
-        """RoPE positions of the next T tokens of every row: [B, T]."""
-        slots = torch.arange(self.pos, self.pos + T, device=self.start.device)
-        return (slots[None, :] - self.start[:, None]).clamp(min=0)
-
     def begin(self, T):
-        """Prepare the attention mask for a forward of T new tokens (called by the model)."""
+        """Slots, RoPE positions [B, T] and the attention mask [B, 1, T, max_len] of T new tokens."""
         if self.pos + T > self.max_len:
-            raise UserError(f"KV cache overflow: {self.pos}+{T} tokens > max_len {self.max_len}; raise max_new_tokens' budget")
-        L = self.pos + T
-        key = torch.arange(L, device=self.start.device)
-        query = torch.arange(self.pos, L, device=self.start.device)
-        causal = key[None, :] <= query[:, None]  # [T, L]
-        self.mask = (causal[None] & (key[None, None, :] >= self.start[:, None, None]))[:, None]  # [B,1,T,L]
+            raise UserError(f"KV cache overflow: {self.pos}+{T} tokens > its {self.max_len} slots; "
+                            "lower max_new_tokens or the prompt length")
+        self.slots = self.pos_t + torch.arange(T, device=self.pos_t.device)
+        causal = self.key_idx[None, None, :] <= self.slots[None, :, None]  # [1, T, S]
+        self.mask = (causal & (self.key_idx[None, None, :] >= self.start[:, None, None]))[:, None]
+        return (self.slots[None, :] - self.start[:, None]).clamp(min=0)
 
     def update(self, layer, k, v):
-        T = k.shape[2]
-        self.k[layer][:, :, self.pos:self.pos + T] = k
-        self.v[layer][:, :, self.pos:self.pos + T] = v
-        L = self.pos + T
-        return self.k[layer][:, :, :L], self.v[layer][:, :, :L]
+        self.k[layer].index_copy_(2, self.slots, k)
+        self.v[layer].index_copy_(2, self.slots, v)
+        return self.k[layer], self.v[layer]
 
     def end(self, T):
+        self.pos_t += T
         self.pos += T
-        self.mask = None
+        self.slots = self.mask = None
 
     def select(self, rows):
         """Keep only `rows` (a LongTensor of indices, repeats allowed): compaction and fan-out.
 
-        Only the filled part of the cache is copied; the rest stays allocated but unwritten.
+        Only the written part is copied; the rest of the new cache is zeros (never NaN: masked
+        attention weights are 0, and 0 * NaN would still be NaN).
         """
         L = self.pos
-        for i in range(len(self.k)):
-            for cache in (self.k, self.v):
-                old = cache[i]
-                new = old.new_empty((len(rows),) + old.shape[1:])
+        for cache in (self.k, self.v):
+            for i, old in enumerate(cache):
+                new = old.new_zeros((len(rows),) + old.shape[1:])
                 new[:, :, :L] = old[rows, :, :L]
                 cache[i] = new
         self.start = self.start[rows]
@@ -344,15 +345,13 @@ class Transformer(nn.Module):
     def hidden(self, input_ids, kv_cache=None, positions=None):
         """Final-norm hidden states [B, T, d]. With a cache, the new tokens attend to everything cached."""
         B, T = input_ids.shape
-        if positions is None:
-            if kv_cache is not None:
-                positions = kv_cache.positions(T)
-            else:
-                positions = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+        if kv_cache is not None:
+            cache_positions = kv_cache.begin(T)
+            positions = cache_positions if positions is None else positions
+        elif positions is None:
+            positions = torch.arange(T, device=input_ids.device)[None].expand(B, T)
         cos, sin = self.rope(positions)
         x = self.embed_tokens(input_ids)
-        if kv_cache is not None:
-            kv_cache.begin(T)
         for i, block in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and kv_cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
@@ -372,12 +371,12 @@ class Transformer(nn.Module):
     def save_pretrained(self, path, tokenizer=None):
         """Write config.json + model.safetensors that transformers.AutoModelForCausalLM loads.
 
-        The directory appears atomically (nanorl.checkpoint.atomic_dir); with a tokenizer its
-        files are written alongside, so the directory is a complete HF model.
+        Each file appears atomically (nanorl.checkpoint.atomic_files), other files in `path` stay;
+        with a tokenizer its files are written alongside, so the directory is a complete HF model.
         """
         from safetensors.torch import save_file
 
-        from nanorl.checkpoint import atomic_dir
+        from nanorl.checkpoint import atomic_files
 
         cfg = self.cfg.to_hf()
         cfg["torch_dtype"] = str(self.dtype).replace("torch.", "")
@@ -386,7 +385,7 @@ class Transformer(nn.Module):
             if name == "lm_head.weight" and self.cfg.tie_embeddings:
                 continue
             state[name if name == "lm_head.weight" else "model." + name] = t.detach().contiguous().cpu()
-        with atomic_dir(path) as tmp:
+        with atomic_files(path) as tmp:
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(cfg, f, indent=2)
             save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})

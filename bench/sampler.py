@@ -1,0 +1,122 @@
+"""nanorl's sampler vs transformers `generate`, same weights and settings, alternating in one run.
+
+    python bench/sampler.py                       # CPU: SmolLM2-135M fp32, 8 prompts x 4 samples x 128 tokens
+    python bench/sampler.py --device cuda --prompts 64 --samples 8 --max-new-tokens 512   # GPU, bf16
+    python bench/sampler.py --device cuda --roofline                                      # + batch-1 bandwidth
+
+Both sides sample at temperature 1 from the full vocabulary and stop at the tokenizer's end-of-turn ids.
+Throughput counts useful tokens: each completion's tokens up to and including its stop token. The
+transformers model is loaded from the HF directory that nanorl writes from the same GGUF weights.
+The roofline check times batch-1 greedy decode and divides the weight bytes read per token by the
+GPU's peak memory bandwidth (H100 SXM 3.35 TB/s, H200 4.8 TB/s).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanorl.model import load_model  # noqa: E402
+from nanorl.sampler import generate  # noqa: E402
+from nanorl.tokenizer import load_tokenizer  # noqa: E402
+
+QUESTIONS = ["What is 12 + 30?", "Name three primary colors.", "Write a haiku about rain.", "What is the capital of Italy?",
+             "Explain photosynthesis in one sentence.", "Give me a synonym for happy.", "How many legs does a spider have?",
+             "What is 7 times 8?"]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_nanorl(model, prompts, args, eos, seed):
+    res = generate(model, prompts, n=args.samples, max_new_tokens=args.max_new_tokens, temperature=1.0,
+                   stop_ids=eos, seed=seed)
+    return sum(len(c.tokens) for c in res)
+
+
+def run_hf(model, prompts, args, eos, seed, pad):
+    L = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (L - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    torch.manual_seed(seed)
+    out = model.generate(ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                         num_return_sequences=args.samples, max_new_tokens=args.max_new_tokens,
+                         eos_token_id=eos, pad_token_id=pad)[:, L:]
+    total = 0
+    for row in out.tolist():
+        stop = [i for i, t in enumerate(row) if t in eos]
+        total += stop[0] + 1 if stop else len(row)
+    return total
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    n = fn()
+    sync(device)
+    return n, time.perf_counter() - t0
+
+
+def roofline(model, tok, device, peak_gbs):
+    prompt = [tok.apply_chat_template([{"role": "user", "content": QUESTIONS[0]}], tokenize=True)]
+    generate(model, prompt, max_new_tokens=16, temperature=0)  # warm up (graph capture)
+    stats = {}
+    n, dt = timed(lambda: generate(model, prompt, max_new_tokens=256, temperature=0, stats=stats) and stats["decode_steps"], device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    gbs = weight_bytes * n / dt / 1e9
+    print(f"batch-1 decode: {n / dt:.0f} tokens/s, {gbs:.0f} GB/s of weights = {100 * gbs / peak_gbs:.0f}% of {peak_gbs} GB/s")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--roofline", action="store_true")
+    p.add_argument("--peak-gbs", type=float, default=3350.0)
+    args = p.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tok = load_tokenizer(args.model)
+    ours = load_model(args.model, dtype=dtype, device=device)
+    with tempfile.TemporaryDirectory() as d:
+        ours.save_pretrained(d)
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], tokenize=True)
+               for i in range(args.prompts)]
+    eos = tok.eos_ids
+    print(f"{args.model} {dtype} on {device}: {args.prompts} prompts x {args.samples} samples x {args.max_new_tokens} "
+          f"new tokens, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    run_nanorl(ours, prompts[:2], args, eos, 0)  # warm-up both (graph capture, allocator)
+    run_hf(hf, prompts[:2], args, eos, 0, tok.pad_id)
+    ours_tps, hf_tps = [], []
+    for r in range(args.rounds):
+        with torch.inference_mode():
+            n, dt = timed(lambda: run_nanorl(ours, prompts, args, eos, r), device)
+            ours_tps.append(n / dt)
+            n2, dt2 = timed(lambda: run_hf(hf, prompts, args, eos, r, tok.pad_id), device)
+            hf_tps.append(n2 / dt2)
+        print(f"round {r}: nanorl {n} tokens in {dt:.2f}s = {n / dt:.1f} tok/s | "
+              f"transformers {n2} tokens in {dt2:.2f}s = {n2 / dt2:.1f} tok/s | ratio {n / dt / (n2 / dt2):.2f}x")
+    ratios = [a / b for a, b in zip(ours_tps, hf_tps)]
+    print(f"median: nanorl {statistics.median(ours_tps):.1f} tok/s, transformers {statistics.median(hf_tps):.1f} tok/s, "
+          f"ratio {statistics.median(ratios):.2f}x")
+    if args.roofline:
+        roofline(ours, tok, device, args.peak_gbs)
+
+
+if __name__ == "__main__":
+    main()

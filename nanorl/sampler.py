@@ -1,0 +1,214 @@
+"""Batched, KV-cached generation for RL rollouts: `generate(model, prompts, n, ...)`.
+
+How a call runs:
+1. Prefill: the distinct prompts, left-padded into one batch, go through the model once. The cache
+   records each row's first real slot, so padding never changes a row's numbers.
+2. Fan-out: each prompt's cache rows are copied n times (the GRPO group): a shared prompt is
+   never recomputed n times (cf. Prefix Grouper, 2506.05433, for the same idea in training).
+3. Decode: one token per active row per step. Rows that finish (a stop token, or max_new_tokens)
+   are dropped from the batch ("compaction") once enough of them have, so they stop costing compute.
+
+Log-probabilities. `Completion.logprobs[t]` is log softmax(z_t / temperature)[token_t] over the FULL
+vocabulary: exactly what the trainer's forward pass computes for the same token at the same
+temperature, so old-policy logprobs need no second forward when the sampler and trainer weights agree.
+With top-k / top-p the token is actually drawn from the truncated, renormalised distribution q;
+`Completion.sampling_logprobs[t]` is log q(token_t) = logprobs[t] - log(kept probability mass).
+The two differ only under truncation; pass `sampling_logprobs` as the rollout logprobs of the
+importance-sampling correction (algos: is_level) to correct for the truncation exactly (TRL #6789).
+temperature=0 is greedy decoding; its logprobs are those of the untempered (T=1) softmax.
+
+Randomness is per prompt: `seed` is an int or one int per prompt, and sample j of prompt i draws its
+uniforms from a generator seeded with prompt i's seed, so the same seed gives the same completions and a
+prompt's samples do not depend on which other prompts share its batch (torchrun ranks, dynamic sampling). On CUDA the decode step is captured in a CUDA graph per batch size (gpt-fast
+style) and stop checks happen every `sync_every` tokens, so there is no host sync per token.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from nanorl import UserError
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    tokens: list[int]
+    logprobs: list[float]  # full-vocabulary, temperature-scaled: what the trainer computes
+    finish_reason: str  # "stop" | "length"
+    sampling_logprobs: list[float] = field(default_factory=list)  # under the truncated (top-k/top-p) distribution
+
+
+def _check(model, prompts, n, max_new_tokens, temperature, top_p, top_k):
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise UserError("generate: prompts must be a non-empty list of token-id lists")
+    if not isinstance(n, int) or n < 1:
+        raise UserError(f"generate: n={n!r} must be an integer >= 1 (samples per prompt)")
+    if max_new_tokens < 1:
+        raise UserError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature < 0:
+        raise UserError(f"generate: temperature={temperature} must be >= 0 (0 = greedy)")
+    if not 0 < top_p <= 1:
+        raise UserError(f"generate: top_p={top_p} must be in (0, 1]")
+    if top_k < 0:
+        raise UserError(f"generate: top_k={top_k} must be >= 0 (0 = off)")
+    ctx, V = model.cfg.max_seq_len, model.cfg.vocab_size
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise UserError(f"generate: prompt {i} is empty; every prompt needs at least one token")
+        if len(p) >= ctx:
+            raise UserError(f"generate: prompt {i} has {len(p)} tokens but the model's context is {ctx}; "
+                            "shorten the prompt (or truncate the data)")
+        if min(p) < 0 or max(p) >= V:
+            raise UserError(f"generate: prompt {i} has a token id outside [0, {V}); wrong tokenizer for this model?")
+
+
+def sample_token(logits, temperature, top_k, top_p, u):
+    """Draw one token per row with uniforms u [B]. Returns (token [B], logp [B] full softmax, logq [B] truncated)."""
+    logits = logits.float()
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        logp = torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+        return tok, logp, logp
+    logp_all = torch.log_softmax(logits / temperature, -1)
+    logq_all = logp_all
+    if top_k or top_p < 1:
+        masked = logp_all
+        if top_k and top_k < masked.shape[-1]:
+            kth = masked.topk(top_k, -1).values[:, -1:]
+            masked = masked.masked_fill(masked < kth, float("-inf"))
+        if top_p < 1:
+            sorted_lp, idx = masked.sort(-1, descending=True)
+            cum = sorted_lp.exp().cumsum(-1)
+            drop = cum - sorted_lp.exp() >= top_p  # tokens whose predecessors already cover top_p
+            masked = masked.scatter(-1, idx, sorted_lp.masked_fill(drop, float("-inf")))
+        logq_all = torch.log_softmax(masked, -1)
+    # inverse-CDF draw: one uniform per row (a [B, V] noise tensor costs more than the LM head on a CPU);
+    # the float64 cumsum keeps the tail of a 150k vocabulary exact enough, and side="right" never
+    # lands on a zero-probability (truncated) token
+    cdf = logq_all.double().exp().cumsum(-1)
+    tok = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
+    return tok, logp_all.gather(-1, tok[:, None])[:, 0], logq_all.gather(-1, tok[:, None])[:, 0]
+
+
+class _GraphStep:
+    """One decode step captured as a CUDA graph for a fixed batch size (and replayed every token)."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+        self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=model.device)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm up kernels outside the capture, then undo the warm-up's write
+            self._run()
+            cache.pos_t -= 1
+            cache.pos -= 1
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._run()
+        cache.pos -= 1  # capture records the device-side advance without running it; undo the host one
+
+    def _run(self):
+        return self.model(self.tokens, kv_cache=self.cache)[:, -1]
+
+    def __call__(self, tokens):
+        self.tokens.copy_(tokens)
+        self.graph.replay()  # pos_t advances inside the graph
+        self.cache.pos += 1
+        return self.logits
+
+
+@torch.no_grad()
+def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(),
+             seed=None, cuda_graph=None, sync_every=16, on_token=None, stats=None):
+    """Sample `n` completions for each prompt; returns len(prompts) * n Completions, grouped by prompt.
+
+    seed: an int, or a list with one int per prompt (see the module docstring); None draws a fresh seed.
+
+    on_token(row, token) streams the tokens of row 0 (prompt 0, sample 0) as they are produced.
+    stats, if a dict, receives counters: prefill_calls, decode_steps, tokens.
+    """
+    _check(model, prompts, n, max_new_tokens, temperature, top_p, top_k)
+    device = model.device
+    P, B = len(prompts), len(prompts) * n
+    lens = torch.tensor([len(p) for p in prompts])
+    Lp = int(lens.max())
+    S = min(Lp + max_new_tokens, model.cfg.max_seq_len)
+    seeds = [seed] * P if seed is None or isinstance(seed, int) else list(seed)
+    if len(seeds) != P:
+        raise UserError(f"generate: {len(seeds)} seeds for {P} prompts; pass one int or one per prompt")
+    if seed is None or isinstance(seed, int):  # one int: prompt i gets a seed derived from (seed, i)
+        base = seed if seed is not None else torch.seed() % (1 << 62)
+        seeds = [(base * 1000003 + i) % (1 << 63) for i in range(P)]
+    stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
+    use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+    sync_every = sync_every if device.type == "cuda" else 1
+    stats = stats if stats is not None else {}
+
+    # 1. prefill the distinct prompts once, left-padded
+    ids = torch.zeros(P, Lp, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, Lp - len(p):] = torch.tensor(p)
+    cache = model.new_cache(P, S)
+    cache.start.copy_((Lp - lens).to(device))
+    h = model.hidden(ids.to(device), kv_cache=cache)[:, -1]
+    logits = F.linear(h, model.lm_head_weight)  # only the last position needs the LM head
+    stats["prefill_calls"] = stats.get("prefill_calls", 0) + 1
+
+    # 2. fan out each prompt's cache to its n samples
+    if n > 1:
+        rows = torch.arange(P, device=device).repeat_interleave(n)
+        cache.select(rows)
+        logits = logits[rows]
+
+    # 3. decode; buffers stay on the device, rows are identified by `row_id` through compaction
+    steps = min(max_new_tokens, S - Lp)
+    U = torch.cat([torch.rand(n, steps, dtype=torch.float64, generator=torch.Generator().manual_seed(sd))
+                   for sd in seeds]).to(device)  # [B, steps]: row i*n+j's uniforms, independent of the batch
+    out_tok = torch.zeros(B, steps, dtype=torch.long, device=device)
+    out_lp = torch.zeros(B, steps, device=device)
+    out_lq = torch.zeros(B, steps, device=device)
+    length = torch.full((B,), steps, dtype=torch.long, device=device)  # tokens kept per row
+    stopped = torch.zeros(B, dtype=torch.bool, device=device)
+    row_id = torch.arange(B, device=device)  # batch position -> original row
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # per batch position
+    graphs = {}
+    for t in range(steps):
+        tok, lp, lq = sample_token(logits, temperature, top_k, top_p, U[row_id, t])
+        live = ~done
+        out_tok[row_id, t], out_lp[row_id, t], out_lq[row_id, t] = tok, lp, lq  # kept up to each row's length
+        hit = live & torch.isin(tok, stop)
+        length[row_id] = torch.where(hit, t + 1, length[row_id])
+        stopped[row_id] |= hit
+        done |= hit
+        if on_token is not None and row_id[0] == 0 and live[0]:  # compaction keeps order: row 0 stays first
+            on_token(0, int(tok[0]))
+        if t == steps - 1:
+            break
+        if (t + 1) % sync_every == 0 or device.type != "cuda":
+            n_done = int(done.sum())
+            if n_done == len(done):
+                break
+            if n_done >= max(1, len(done) // 8):  # compaction: drop finished rows from the batch
+                keep = (~done).nonzero()[:, 0]
+                cache.select(keep)
+                row_id, done, tok = row_id[keep], done[keep], tok[keep]
+                graphs = {}  # captured graphs point at the old cache tensors
+        if use_graph:
+            step = graphs.get(cache.batch_size) or graphs.setdefault(cache.batch_size, _GraphStep(model, cache))
+            logits = step(tok[:, None])
+        else:
+            logits = model(tok[:, None], kv_cache=cache)[:, -1]
+        stats["decode_steps"] = stats.get("decode_steps", 0) + 1
+
+    out_tok, out_lp, out_lq, length, stopped = (x.cpu() for x in (out_tok, out_lp, out_lq, length, stopped))
+    stats["tokens"] = stats.get("tokens", 0) + int(length.sum())
+    res = []
+    for r in range(B):
+        L = int(length[r])
+        res.append(Completion(prompt_index=r // n, tokens=out_tok[r, :L].tolist(), logprobs=out_lp[r, :L].tolist(),
+                              finish_reason="stop" if stopped[r] else "length",
+                              sampling_logprobs=out_lq[r, :L].tolist()))
+    return res
