@@ -188,10 +188,10 @@ class KVCache:
     its first real slot: attention never looks before it, and RoPE positions count from it, so a
     row's numbers do not depend on how much padding its batch needed.
 
-    Attention always spans the whole preallocated length with a mask (unwritten slots are masked),
-    and the write position lives in a device tensor that is advanced in place: a decode step then has
-    fixed shapes and no Python-side state, so it can be captured in a CUDA graph (gpt-fast style).
-    The extra attention work is small next to the matmuls at these lengths.
+    The write position lives in a device tensor that is advanced in place (and mirrored on the host).
+    Eagerly, attention reads only the written slots: decode attention is bound by reading the cache.
+    With `static = True` it spans the whole preallocated length under a mask instead, so a decode step
+    has fixed shapes and no Python-side state and can be captured in a CUDA graph (gpt-fast style).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size, max_len, device, dtype):
@@ -204,6 +204,8 @@ class KVCache:
         self.max_len = max_len
         self.key_idx = torch.arange(max_len, device=device)
         self.slots = self.mask = None  # for the forward in progress, built once for all layers
+        self.static = False  # attend over all max_len slots (CUDA graphs) instead of the written ones
+        self.L = max_len  # slots the forward in progress attends over
 
     @property
     def batch_size(self):
@@ -214,15 +216,17 @@ class KVCache:
         if self.pos + T > self.max_len:
             raise UserError(f"KV cache overflow: {self.pos}+{T} tokens > its {self.max_len} slots; "
                             "lower max_new_tokens or the prompt length")
+        self.L = self.max_len if self.static else self.pos + T
+        keys = self.key_idx[:self.L]
         self.slots = self.pos_t + torch.arange(T, device=self.pos_t.device)
-        causal = self.key_idx[None, None, :] <= self.slots[None, :, None]  # [1, T, S]
-        self.mask = (causal & (self.key_idx[None, None, :] >= self.start[:, None, None]))[:, None]
+        causal = keys[None, None, :] <= self.slots[None, :, None]  # [1, T, L]
+        self.mask = (causal & (keys[None, None, :] >= self.start[:, None, None]))[:, None]
         return (self.slots[None, :] - self.start[:, None]).clamp(min=0)
 
     def update(self, layer, k, v):
         self.k[layer].index_copy_(2, self.slots, k)
         self.v[layer].index_copy_(2, self.slots, v)
-        return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, :self.L], self.v[layer][:, :, :self.L]
 
     def end(self, T):
         self.pos_t += T
@@ -271,7 +275,12 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             k, v = kv_cache.update(layer, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask, enable_gqa=gqa)
+            # fold each group of query heads that share a kv head into the query length: attention then
+            # reads the cache as is, where enable_gqa would first copy k and v once per query head
+            G = self.n_heads // self.n_kv_heads
+            q = q.reshape(B, self.n_kv_heads, G * T, self.head_dim)
+            mask = kv_cache.mask if G == 1 else kv_cache.mask.repeat(1, 1, G, 1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, self.n_heads, T, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

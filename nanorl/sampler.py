@@ -97,6 +97,7 @@ class _GraphStep:
 
     def __init__(self, model, cache):
         self.model, self.cache = model, cache
+        cache.static = True  # fixed shapes: attend over every slot under the mask
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=model.device)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
@@ -128,7 +129,8 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
     seed: an int, or a list with one int per prompt (see the module docstring); None draws a fresh seed.
 
     on_token(row, token) streams the tokens of row 0 (prompt 0, sample 0) as they are produced.
-    stats, if a dict, receives counters: prefill_calls, decode_steps, tokens.
+    stats, if a dict, receives counters: prefill_calls, decode_steps, decode_rows (the sum of the batch
+    size over decode steps: the work done), tokens (returned).
     """
     _check(model, prompts, n, max_new_tokens, temperature, top_p, top_k)
     device = model.device
@@ -202,6 +204,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
         else:
             logits = model(tok[:, None], kv_cache=cache)[:, -1]
         stats["decode_steps"] = stats.get("decode_steps", 0) + 1
+        stats["decode_rows"] = stats.get("decode_rows", 0) + cache.batch_size  # work done, padding included
 
     out_tok, out_lp, out_lq, length, stopped = (x.cpu() for x in (out_tok, out_lp, out_lq, length, stopped))
     stats["tokens"] = stats.get("tokens", 0) + int(length.sum())

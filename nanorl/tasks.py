@@ -1,0 +1,593 @@
+"""Tasks: training prompts, a held-out split and a verifiable reward for each of them.
+
+    make_task(name, data=None, seed=0, reward_fn=None) -> Task
+    name: arith[:digits=2,ops=+,terms=2,worked=0.5] | countdown[:n=3,max_num=99,max_target=100] | gsm8k | math
+          | rg:NAME[:key=value,...] (any reasoning-gym dataset, options go to its config)
+
+A Task gives train_example(i) (deterministic in (seed, i); procedural tasks are infinite, files cycle
+through a seeded permutation per epoch), eval_examples(n) (the first n of a fixed held-out split that
+does not depend on the seed, so runs with different seeds evaluate on the same problems), prompt(ex,
+tok, chat), reward(completion, ex) in [0, 1] and format_reward(completion, ex) in {0, 1}. The reward
+sees the completion text only. One extraction rule per task serves both prompt styles:
+
+arith      raw "37+48=" -> "85" or, worked, "7+8=15 3+4+1=8 #### 85" (see ArithTask). chat: "What is 37 + 48?
+           Give the final answer as a number after '####'."
+           Extraction: the number after the last "####"; else the first line if it is exactly an integer
+           (raw); else the last integer in the text. Integer compare. Format: "####" + number, or a bare
+           integer first line. Held out: expressions whose sha256 % 10 == 0, which training never draws.
+countdown  TinyZero's task (Jiayi Pan, TinyZero countdown.py): reach the target using each given number
+           exactly once with + - * / and parentheses. raw "nums 3 5 7 target 22:" -> "3*5+7". chat: TinyZero's
+           instruction, answer in <answer> </answer>. Extraction: the last <answer> block, else the first
+           line; a trailing "= 22" is dropped. Graded by safe_eval (an AST walk over integer literals,
+           + - * /, unary minus, parentheses; exact Fractions; at most 128 characters; anything else, ** and
+           names included, is invalid). Every target is reachable: it is built from a random expression.
+           Format: the extracted expression parses. Held out by hash of (numbers, target).
+gsm8k      --data: a .jsonl with question/answer (final answer after "####") or a directory with
+           train.jsonl [+ test.jsonl]; default ../shared/data/gsm8k next to the repo.
+           raw "Question: Q\\nAnswer:\\n" -> the dataset's worked answer ending "#### 72"; chat: Q + "...
+           final answer after '####'". Extraction (after cutting the completion at a hallucinated
+           "\\nQuestion:"): the number after the last "####", else the last number; commas, "$",
+           spaces, a final "." are dropped; numeric compare (1e-6 relative). Format: "####" + a number.
+math       --data: jsonl with problem and answer, or a solution with \\boxed{} (the last one is the
+           answer). raw "Problem: P\\nSolution:\\n"; chat: P + "put your final answer within \\boxed{}".
+           Graded by math-verify: verify(parse("$gold$"), parse(last \\boxed{} of the completion, else all
+           of it)). Format: a \\boxed{} present.
+rg:NAME    reasoning_gym.create_dataset(NAME): question/answer of its entries, graded by the dataset's
+           own score_answer (partial credit possible). raw "Question: Q\\nAnswer:\\n"; chat: reasoning-gym's
+           default system prompt (answer in <answer> </answer>). Extraction: the last <answer> block, else
+           the first line. Format: an answer block, or a one-line completion (raw). Training draws fresh
+           dataset seeds chunk by chunk (infinite); evaluation uses seeds 0..n-1.
+
+Files without a test split hold out their last 10% (at most 500) lines. Solutions (Example.solution,
+for supervised warm starts) are the bare answer for countdown/rg, bare or worked for arith, the worked
+solution for gsm8k/math. A bad data line is a UserError "PATH:LINE: problem; fix". --reward-fn module:function or
+path/file.py:function replaces reward() with fn(completion, example) -> float, run sandboxed (rewards.py).
+"""
+
+import ast
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import random
+import re
+import threading
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from nanorl import UserError
+from nanorl.rewards import OPS, ScoreResult, load_reward_fn, safe_eval, score  # noqa: F401  (tasks.score etc.)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Example:
+    id: str               # unique within the split
+    question: str         # the problem text shown to the model
+    answer: str           # the reference final answer (what the grader compares against)
+    solution: str         # a reference completion for supervised warm starts
+    meta: dict = field(default_factory=dict)  # task specific: countdown numbers/target, the raw rg entry, ...
+
+
+def _rng(*key):
+    # one private generator per (task, seed, index): random access to an infinite stream, no global state
+    return random.Random(":".join(map(str, key)))
+
+
+def _held_out(key):
+    # a fixed 10% of the problem space, the same for every seed: training rejects it, evaluation draws only it
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 10 == 0
+
+
+def _pairs(spec, task, keys=None):
+    """(item, key, value) of a 'k=v,k=v' option string."""
+    for kv in filter(None, spec.split(",")):
+        k, sep, v = (s.strip() for s in kv.partition("="))
+        if not sep or (keys is not None and k not in keys):
+            raise UserError(f"task option {kv!r} of {task!r}: expected key=value"
+                            + (f" with key one of {', '.join(keys)}" if keys else " (a field of its config)"))
+        yield kv, k, v
+
+
+def _options(cls, spec, task):
+    """Parse 'k=v,k=v' into the dataclass cls; the value types are those of the defaults."""
+    opts = cls()
+    for kv, k, v in _pairs(spec, task, [f.name for f in dataclasses.fields(cls)]):
+        try:
+            setattr(opts, k, type(getattr(opts, k))(v))
+        except ValueError:
+            raise UserError(f"task option {kv!r} of {task!r}: {v!r} is not a {type(getattr(opts, k)).__name__}") from None
+    return opts
+
+
+# ---------------------------------------------------------------------------------------------- answers
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def to_number(s):
+    """float of a final answer like '$1,000.', ' -3 '; None if it is not a plain number."""
+    s = s.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    return float(s) if re.fullmatch(r"-?(\d+\.?\d*|\.\d+)", s) else None
+
+
+def hash_answer(text):
+    """The number after the last '####' (None when there is no '####' or no number follows it)."""
+    if "####" not in text:
+        return None
+    m = _NUMBER.search(text.rsplit("####", 1)[1].split("\n", 1)[0])
+    return to_number(m.group()) if m else None
+
+
+def last_number(text):
+    nums = _NUMBER.findall(text)
+    return to_number(nums[-1]) if nums else None
+
+
+def tagged_answer(text):
+    """The last <answer>...</answer> block, else the first line; stripped."""
+    tags = _TAG.findall(text)
+    return (tags[-1] if tags else text.split("\n", 1)[0]).strip()
+
+
+def last_boxed(text):
+    """Content of the last \\boxed{...} (nested braces allowed), or None."""
+    i = text.rfind("\\boxed")
+    if i < 0:
+        return None
+    m = re.match(r"\\boxed ([^\s$]+)", text[i:])  # \boxed 5
+    if m:
+        return m.group(1)
+    if text[i + 6:i + 7] != "{":
+        return None
+    depth = 0
+    for k in range(i + 6, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[k], 0)
+        if depth == 0:
+            return text[i + 7:k]
+    return None  # unclosed: a truncated completion
+
+
+def _int_line(text):
+    """The first line as an integer, if it is exactly one (the raw arith format)."""
+    first = text.split("\n", 1)[0].strip()
+    return int(first) if re.fullmatch(r"-?\d+", first) else None
+
+
+def _require(module, package):
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise UserError(f"this task needs the {package} package; pip install {package} (or pip install nanorl[tasks])")
+
+
+def _close(a, b):
+    return a is not None and b is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b))
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+
+class Task:
+    """The shared pieces; a subclass defines the examples, the raw prompt, the chat instruction, the grader."""
+    name = "task"
+    safe = True            # reward() is our own pure-Python code that cannot hang: score in-process
+    n_train = None         # None: infinite (procedural)
+    system = None          # chat system prompt (None: the template's default)
+    instruction = ""       # appended to the question in the chat user message
+
+    def raw_prompt(self, ex):
+        return f"Question: {ex.question}\nAnswer:\n"
+
+    def prompt(self, ex, tok, chat):
+        """chat=False: a completion-style prompt for base/tiny models; chat=True: the rendered chat template."""
+        if not chat:
+            return self.raw_prompt(ex)
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        msgs.append({"role": "user", "content": ex.question + self.instruction})
+        return tok.apply_chat_template(msgs, add_generation_prompt=True)
+
+
+class _Procedural(Task):
+    """Infinite train stream drawn per index, held-out split = the hash bucket that training rejects."""
+
+    def __init__(self, spec, data, seed):
+        if data:
+            raise UserError(f"--data is for gsm8k and math; the {self.name} task is procedural, drop --data")
+        self.seed, self.opts = seed, _options(self.Options, spec, self.name)
+        self.check()
+
+    def train_example(self, i):
+        rng = _rng(type(self).name, self.seed, i)
+        while True:
+            ex = self.draw(rng)
+            if not _held_out(ex.meta["key"]):
+                ex.id = str(i)
+                return ex
+
+    def eval_examples(self, n):
+        rng, out, seen = _rng(type(self).name, "eval"), [], set()
+        for _ in range(100 * n + 1000):  # a tiny option space may hold fewer than n distinct problems
+            if len(out) == n:
+                break
+            ex = self.draw(rng)
+            if _held_out(ex.meta["key"]) and ex.meta["key"] not in seen:
+                seen.add(ex.meta["key"])
+                ex.id = f"eval-{len(out)}"
+                out.append(ex)
+        return out
+
+
+def worked_solution(expr, value):
+    """The answer with its work shown, ending "#### value".
+
+    A sum of two numbers is worked in columns, units first, carries written out:
+    "37+48" -> "7+8=15 3+4+1=8 #### 85" (each step needs only a one-digit fact: easy for a small model).
+    Anything else is one operation per step, products first: "9-4*2+3" -> "4*2=8 9-8=1 1+3=4 #### 4".
+    """
+    m = re.fullmatch(r"(\d+)\+(\d+)", expr)
+    if m:
+        a, b = m.group(1), m.group(2)
+        n = max(len(a), len(b))
+        a, b, carry, steps = a.zfill(n), b.zfill(n), 0, []
+        for x, y in zip(reversed(a), reversed(b)):
+            col = int(x) + int(y) + carry
+            steps.append(f"{x}+{y}" + ("+1" if carry else "") + f"={col}")
+            carry = col // 10
+        return " ".join(steps) + f" #### {value}"
+    tokens, steps = re.findall(r"[+*-]|\d+", expr), []
+    while "*" in tokens:  # products first, leftmost first
+        i = tokens.index("*")
+        x, y = int(tokens[i - 1]), int(tokens[i + 1])
+        steps.append(f"{x}*{y}={x * y}")
+        tokens[i - 1:i + 2] = [str(x * y)]
+    acc = int(tokens[0])
+    for op, x in zip(tokens[1::2], tokens[2::2]):
+        new = acc + int(x) if op == "+" else acc - int(x)
+        steps.append(f"{acc}{op}{x}={new}")
+        acc = new
+    return " ".join(steps) + f" #### {value}"
+
+
+class ArithTask(_Procedural):
+    """Integer arithmetic for the tiny character model: 'terms' operands of up to 'digits' digits.
+
+    The reference solutions (for the supervised warm start) mix two styles, as human data does: a
+    fraction 'worked' of them show their work (worked_solution), the rest give the bare answer. Which
+    style an example gets is a hash of the problem, so a model imitating them picks a style at random;
+    RL with the correctness reward then learns which one pays (the worked one, for a small model), a
+    choice that carries over to every problem. Evaluation is always on problems never trained on.
+    """
+    name, instruction = "arith", " Give the final answer as a number after '####'."
+
+    @dataclass
+    class Options:
+        digits: int = 2     # operands in [0, 10**digits)
+        ops: str = "+"      # any of + - * (results may be negative)
+        terms: int = 2      # operands per expression
+        worked: float = 0.5  # fraction of reference solutions that show their work
+
+    def check(self):
+        o = self.opts
+        if not (1 <= o.digits <= 9 and 2 <= o.terms <= 8 and o.ops and set(o.ops) <= set("+-*")
+                and 0 <= o.worked <= 1):
+            raise UserError(f"arith options {o}: need 1 <= digits <= 9, 2 <= terms <= 8, ops a subset of +-*, "
+                            f"0 <= worked <= 1")
+
+    def draw(self, rng):
+        o = self.opts
+        nums = [rng.randrange(10 ** o.digits) for _ in range(o.terms)]
+        ops = [rng.choice(o.ops) for _ in range(o.terms - 1)]
+        expr = str(nums[0]) + "".join(op + str(x) for op, x in zip(ops, nums[1:]))
+        value = int(safe_eval(expr)[0])
+        shown = int(hashlib.sha256(("worked:" + expr).encode()).hexdigest()[:8], 16) % 1000 < 1000 * o.worked
+        solution = worked_solution(expr, value) if shown else str(value)
+        return Example("", f"What is {' '.join(re.findall(r'[+*-]|[0-9]+', expr))}?", str(value), solution,
+                       {"key": expr, "expr": expr})
+
+    def raw_prompt(self, ex):
+        return ex.meta["expr"] + "="
+
+    @staticmethod
+    def extract(c):
+        for v in (hash_answer(c), _int_line(c), last_number(c)):
+            if v is not None:
+                return v
+
+    def reward(self, completion, ex):
+        return float(_close(self.extract(completion), float(ex.answer)))
+
+    def format_reward(self, completion, ex):
+        return float(hash_answer(completion) is not None or _int_line(completion) is not None)
+
+
+class CountdownTask(_Procedural):
+    """TinyZero's countdown: combine the numbers, each exactly once, with + - * / to reach the target."""
+    name = "countdown"
+    instruction = (" Show your work in <think> </think> tags. And return the final answer in <answer> </answer>"
+                   " tags, for example <answer> (1 + 2) / 3 </answer>.")
+
+    @dataclass
+    class Options:
+        n: int = 3             # how many numbers (TinyZero: 3 or 4)
+        max_num: int = 99      # numbers are drawn from 1..max_num
+        max_target: int = 100  # targets are integers in 1..max_target
+
+    def check(self):
+        o = self.opts
+        if not (2 <= o.n <= 6 and 1 <= o.max_num and 1 <= o.max_target):
+            raise UserError(f"countdown options {o}: need 2 <= n <= 6, max_num >= 1, max_target >= 1")
+
+    def draw(self, rng):
+        o = self.opts
+        while True:  # combine random pairs until one expression is left; keep it if it is a valid target
+            nums = [rng.randint(1, o.max_num) for _ in range(o.n)]
+            items = [(str(x), 3, Fraction(x)) for x in nums]  # (text, precedence, value)
+            while len(items) > 1:
+                a, b = rng.sample(range(len(items)), 2)
+                (sa, pa, va), (sb, pb, vb) = items[a], items[b]
+                op = rng.choice("+-*/" if vb else "+-*")
+                p = 1 if op in "+-" else 2
+                sa = f"({sa})" if pa < p else sa
+                sb = f"({sb})" if pb < p or (pb == p and op in "-/") else sb
+                items = [it for k, it in enumerate(items) if k not in (a, b)]
+                items.append((sa + op + sb, p, OPS[op](va, vb)))
+            expr, _, v = items[0]
+            if v.denominator == 1 and 1 <= v <= o.max_target:
+                t = int(v)
+                q = (f"Using the numbers {nums}, create an equation that equals {t}. You can use basic arithmetic "
+                     "operations (+, -, *, /) and each number must be used exactly once.")
+                return Example("", q, str(t), expr, {"key": f"{sorted(nums)}={t}", "nums": nums, "target": t})
+
+    def raw_prompt(self, ex):
+        return f"nums {' '.join(map(str, ex.meta['nums']))} target {ex.meta['target']}:"
+
+    @staticmethod
+    def extract(c):
+        return tagged_answer(c).split("=", 1)[0]
+
+    def reward(self, completion, ex):
+        v, lits = safe_eval(self.extract(completion))
+        return float(v is not None and v == ex.meta["target"] and sorted(lits) == sorted(ex.meta["nums"]))
+
+    def format_reward(self, completion, ex):
+        return float(safe_eval(self.extract(completion))[0] is not None)
+
+
+# ------------------------------------------------------------------------------------------- data files
+
+def read_jsonl(path, make):
+    """[make(record, 'PATH:LINE')] over a jsonl file; every problem is a UserError naming PATH:LINE."""
+    if not os.path.isfile(path):
+        raise UserError(f"data file {path} does not exist; pass --data PATH (a .jsonl file or a directory with train.jsonl)")
+    out, ids = [], {}
+    with open(path, "rb") as f:
+        for ln, raw in enumerate(f, 1):
+            where = f"{path}:{ln}"
+            try:
+                line = raw.decode("utf-8-sig" if ln == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                "re-save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); fix or delete the line") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}; one object per line")
+            ex = make(rec, where)
+            if "id" in rec:
+                ex.id = str(rec["id"])
+                if ex.id in ids:
+                    raise UserError(f"{where}: duplicate id {ex.id!r} (also on line {ids[ex.id]}); make the ids unique")
+                ids[ex.id] = ln
+            else:
+                ex.id = f"{os.path.basename(path)}:{ln}"
+            out.append(ex)
+    if not out:
+        raise UserError(f"{path}: no examples in the file; pass a jsonl with one JSON object per line")
+    return out
+
+
+def _text(rec, key, where, hint):
+    v = rec.get(key)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        v = str(v)
+    if not isinstance(v, str):
+        raise UserError(f"{where}: {'missing' if v is None else 'non-text'} field {key!r}; {hint}")
+    if not v.strip():
+        raise UserError(f"{where}: empty {key!r}; fill it in or delete the line")
+    return v
+
+
+class _FileTask(Task):
+    """Examples from a jsonl file or a directory with train.jsonl [+ test.jsonl]."""
+    fields = ""  # for messages
+
+    def __init__(self, spec, data, seed):
+        if spec:
+            raise UserError(f"the {self.name} task takes no options (got {spec!r}); pass the data with --data PATH")
+        data = data or self.default_data()
+        if os.path.isdir(data):
+            test = os.path.join(data, "test.jsonl")
+            if not os.path.isfile(os.path.join(data, "train.jsonl")):
+                raise UserError(f"{data}: no train.jsonl in the directory; pass a .jsonl file or a directory with train.jsonl [and test.jsonl]")
+            self.train = read_jsonl(os.path.join(data, "train.jsonl"), self.example)
+            self.heldout = read_jsonl(test, self.example) if os.path.isfile(test) else None
+        else:
+            self.train, self.heldout = read_jsonl(data, self.example), None
+        if self.heldout is None:  # hold out the file's tail: the last 10%, at most 500 examples
+            k = max(1, min(500, len(self.train) // 10))
+            if len(self.train) < 2:
+                raise UserError(f"{data}: one example cannot be split into train and held-out; add examples or a test.jsonl")
+            self.train, self.heldout = self.train[:-k], self.train[-k:]
+        self.seed, self.n_train, self._perm = seed, len(self.train), (None, None)
+
+    def default_data(self):
+        raise UserError(f"the {self.name} task needs --data PATH: a jsonl with {self.fields} (or a directory with train.jsonl)")
+
+    def train_example(self, i):
+        epoch, j = divmod(i, self.n_train)
+        if self._perm[0] != epoch:  # a fresh seeded permutation per epoch; cached, the trainer walks forward
+            perm = list(range(self.n_train))
+            _rng(type(self).name, self.seed, "epoch", epoch).shuffle(perm)
+            self._perm = (epoch, perm)
+        return self.train[self._perm[1][j]]
+
+    def eval_examples(self, n):
+        return self.heldout[:n]
+
+
+class GSM8KTask(_FileTask):
+    name, fields = "gsm8k", "question and answer (final answer after '####')"
+    instruction = " Solve it step by step, then give the final answer as a number after '####'."
+
+    def default_data(self):
+        path = os.path.join(REPO, "..", "shared", "data", "gsm8k")
+        return os.path.normpath(path) if os.path.isdir(path) else super().default_data()
+
+    def example(self, rec, where):
+        q = _text(rec, "question", where, "gsm8k lines need 'question' and 'answer'")
+        a = _text(rec, "answer", where, "gsm8k lines need 'question' and 'answer'")
+        final = a.rsplit("####", 1)[-1].strip()
+        if to_number(final) is None:
+            raise UserError(f"{where}: final answer {final!r} is not a number; gsm8k answers end in '#### <number>'")
+        return Example("", q, final.replace(",", "").replace("$", ""), a if "####" in a else f"#### {final}")
+
+    @staticmethod
+    def extract(c):
+        c = c.split("\nQuestion:", 1)[0]  # a raw-prompted base model may go on to invent the next problem
+        v = hash_answer(c)
+        return v if v is not None else last_number(c)
+
+    def reward(self, completion, ex):
+        return float(_close(self.extract(completion), to_number(ex.answer)))
+
+    def format_reward(self, completion, ex):
+        return float(hash_answer(completion) is not None)
+
+
+class MathTask(_FileTask):
+    name, fields, safe = "math", "problem and answer (or a solution with \\boxed{})", False
+    instruction = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+    _gold = {}
+
+    def __init__(self, spec, data, seed):
+        _require("math_verify", "math-verify")
+        super().__init__(spec, data, seed)
+
+    def raw_prompt(self, ex):
+        return f"Problem: {ex.question}\nSolution:\n"
+
+    def example(self, rec, where):
+        q = _text(rec, "problem", where, "math lines need 'problem' and 'answer' or a 'solution' with \\boxed{}")
+        sol = rec.get("solution") if isinstance(rec.get("solution"), str) else None
+        ans = rec.get("answer")
+        if ans is None or not str(ans).strip():
+            ans = last_boxed(sol or "")
+            if not ans:
+                raise UserError(f"{where}: no 'answer' and no \\boxed{{}} in 'solution'; add one of them")
+        ans = str(ans).strip()
+        return Example("", q, ans, sol or f"The final answer is $\\boxed{{{ans}}}$.")
+
+    def reward(self, completion, ex):
+        from math_verify import parse, verify
+
+        # math-verify's own timeouts use signal.alarm, which only works in the main thread; elsewhere
+        # rely on score()'s worker timeout (the worker runs us in its main thread, where it works)
+        t = 5 if threading.current_thread() is threading.main_thread() else None
+        boxed = last_boxed(completion)
+        pred = parse(f"\\boxed{{{boxed}}}" if boxed is not None else completion, parsing_timeout=t)
+        if ex.answer not in self._gold:  # parsed once per problem (the worker is persistent)
+            self._gold[ex.answer] = parse(f"${ex.answer}$", parsing_timeout=t)
+        gold = self._gold[ex.answer]
+        return float(bool(gold) and bool(pred) and verify(gold, pred, timeout_seconds=t))
+
+    def format_reward(self, completion, ex):
+        return float(last_boxed(completion) is not None)
+
+
+class RGTask(Task):
+    """Any reasoning-gym dataset, scored by its own score_answer."""
+    safe, CHUNK, EVAL_SPAN = False, 10_000, 1_000_000
+
+    def __init__(self, rg_name, spec, seed):
+        _require("reasoning_gym", "reasoning-gym")
+        import reasoning_gym
+        from reasoning_gym.factory import DATASETS
+        from reasoning_gym.utils import SYSTEM_PROMPTS
+
+        if rg_name not in DATASETS:
+            close = difflib.get_close_matches(rg_name, DATASETS, n=5, cutoff=0.5)
+            hint = f"did you mean {', '.join('rg:' + c for c in close)}?" if close else f"valid names: {', '.join(sorted(DATASETS))}"
+            raise UserError(f"unknown reasoning-gym dataset {rg_name!r}; {hint}")
+        self.name, self.rg_name, self.seed, self.system = f"rg:{rg_name}", rg_name, seed, SYSTEM_PROMPTS["default"]
+        self.kw = {}
+        for _, k, v in _pairs(spec, self.name):
+            try:
+                self.kw[k] = ast.literal_eval(v)  # numbers, lists, tuples; anything else stays a string
+            except (ValueError, SyntaxError):
+                self.kw[k] = v
+        self._create = reasoning_gym.create_dataset
+        self.scorer, self._chunk = self.dataset(0, 1), (None, None)  # validates the options early
+
+    def dataset(self, seed, size):
+        try:
+            return self._create(self.rg_name, seed=seed, size=size, **self.kw)
+        except (TypeError, ValueError, AssertionError, KeyError) as e:
+            raise UserError(f"rg:{self.rg_name}: cannot create the dataset ({type(e).__name__}: {e}); check its options") from None
+
+    def _example(self, entry, id):
+        a = "" if entry.get("answer") is None else str(entry["answer"])
+        return Example(id, str(entry["question"]), a, a, {"entry": entry})
+
+    def train_example(self, i):
+        # reasoning-gym seeds item idx with Random(seed + idx): chunk c of training uses dataset seeds
+        # EVAL_SPAN + c*CHUNK + (0..CHUNK-1), disjoint from evaluation's 0..n-1; kept below 2**31
+        # because some generators seed numpy with it. Datasets that precompute stay cheap per chunk.
+        c, j = divmod(i, self.CHUNK)
+        if self._chunk[0] != c:
+            start = (self.seed * 100_003 + c) * self.CHUNK % (2**31 - self.EVAL_SPAN - self.CHUNK)
+            self._chunk = (c, self.dataset(self.EVAL_SPAN + start, self.CHUNK))
+        return self._example(self._chunk[1][j], str(i))
+
+    def eval_examples(self, n):
+        n = min(n, self.EVAL_SPAN)
+        ds = self.dataset(0, max(n, 1))
+        return [self._example(ds[j], f"eval-{j}") for j in range(n)]
+
+    def reward(self, completion, ex):
+        return self.scorer.score_answer(tagged_answer(completion), ex.meta["entry"])
+
+    def format_reward(self, completion, ex):
+        # an answer block (chat), or a one-line completion (raw)
+        return float(bool(_TAG.search(completion)) or ("\n" not in completion.strip() and bool(completion.strip())))
+
+
+# --------------------------------------------------------------------------------------------- factory
+
+TASKS = {"arith": ArithTask, "countdown": CountdownTask, "gsm8k": GSM8KTask, "math": MathTask}
+
+
+def make_task(name, data=None, seed=0, reward_fn=None):
+    """A Task from its name (see the module docstring); reward_fn replaces its reward()."""
+    kind, _, spec = name.partition(":")
+    if kind == "rg":
+        rg_name, _, spec = spec.partition(":")
+        if data:
+            raise UserError(f"--data is for gsm8k and math; {name} is generated by reasoning-gym, drop --data")
+        task = RGTask(rg_name, spec, seed)
+    elif kind in TASKS:
+        task = TASKS[kind](spec, data, seed)
+        task.name = name
+    else:
+        close = difflib.get_close_matches(kind, list(TASKS) + ["rg"], n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(f"unknown task {name!r}{hint}; valid: {', '.join(TASKS)}, rg:<reasoning-gym dataset>")
+    if reward_fn:
+        task.reward, task.safe, task.reward_fn = load_reward_fn(reward_fn), False, reward_fn
+    return task

@@ -1,0 +1,174 @@
+"""train.py end to end on the tiny model: every preset, resume, torchrun, the saved policy, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+from nanorl import UserError, algos
+
+sys.path.insert(0, ROOT)
+import train  # noqa: E402
+
+REWARD = os.path.join(ROOT, "tests", "reward_fns.py") + ":varied"
+FAST = ["--model", "tiny", "--task", "arith", "--prompts-per-step", "4", "--max-new-tokens", "4", "--eval-n", "8",
+        "--warm-start-steps", "0", "--reward-fn", REWARD, "--progress", "false", "--lr", "1e-3"]
+
+
+def run(tmp_path, *extra, name="out"):
+    out = str(tmp_path / name)
+    assert train.main(FAST + ["--out", out, *extra]) == 0
+    return out
+
+
+def weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def pairs_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(2 * a + 1)} for a in range(20)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("algo", list(algos.PRESETS))
+def test_every_preset_runs_two_steps(tmp_path, algo):
+    extra = ["--algo", algo, "--steps", "2"]
+    if algos.PRESETS[algo].kind == "pref":
+        extra += ["--data", pairs_file(tmp_path)]
+    out = run(tmp_path, *extra)
+    before = load_tiny_state()
+    after = weights(out)
+    changed = [k for k in before if not torch.equal(before[k], after["model." + k if "model." + k in after else k])]
+    assert changed, f"{algo}: no parameter changed"
+    rows = metrics(out)
+    assert len(rows) == 2
+    for row in rows:
+        for k, v in row.items():
+            if isinstance(v, float):
+                assert v == v and abs(v) != float("inf"), (algo, k, v)
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert 0 <= summary["acc_before"] <= 1 and 0 <= summary["acc_after"] <= 1 and summary["steps"] == 2
+
+
+def load_tiny_state():
+    from nanorl.model import load_model
+
+    return {k: v.clone() for k, v in load_model("tiny").state_dict().items()}
+
+
+def test_resume_equals_straight_run(tmp_path):
+    straight = run(tmp_path, "--steps", "4", "--save-every", "2", name="straight")
+    run(tmp_path, "--steps", "2", "--save-every", "2", name="split")
+    run(tmp_path, "--steps", "4", "--save-every", "2", "--resume", name="split")
+    a, b = weights(straight), weights(os.path.join(tmp_path, "split"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["reward_mean"] for r in metrics(straight)] == [r["reward_mean"] for r in metrics(tmp_path / "split")]
+
+
+def test_saved_policy_loads_in_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from nanorl.model import load_model
+
+    out = run(tmp_path, "--steps", "1")
+    ours = load_model(out)
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 20, 31, 40, 17, 3]])
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max() <= 1e-5
+    assert os.path.isfile(os.path.join(out, "reward.png"))
+
+
+def _torchrun(nproc, out, extra=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port", str(29500 + nproc),
+           os.path.join(ROOT, "train.py"), *FAST, "--out", out, "--steps", "1", "--prompts-per-step", "4",
+           "--micro-batch", "8", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+@pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_ranks_equal_one(tmp_path, extra):
+    """Same global batch on 1 and 2 gloo ranks: the same parameters after a step."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _torchrun(1, one)
+    _torchrun(2, two, extra)
+    a, b = weights(one), weights(two)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-5, worst
+    assert metrics(one)[0]["reward_mean"] == metrics(two)[0]["reward_mean"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--task", "nosuchtask"], ["nosuchtask"]),
+    (["--algo", "grpoo"], ["grpoo", "grpo"]),
+    (["--task", "gsm8k", "--data", "/nonexistent/gsm8k.jsonl"], ["/nonexistent/gsm8k.jsonl"]),
+    (["--bogus-flag", "3"], ["--bogus-flag"]),
+    (["--eps-low", "-1"], ["eps-low"]),
+])
+def test_bad_input_is_one_clear_line(tmp_path, args, words):
+    out = tmp_path / "out"
+    res = cli(*FAST, "--out", str(out), "--steps", "1", *args)
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for w in words:
+        assert w in lines[0]
+    assert not out.exists()
+
+
+def test_malformed_jsonl_line_is_named(tmp_path):
+    data = tmp_path / "gsm.jsonl"
+    good = json.dumps({"question": "1+1?", "answer": "2\n#### 2"})
+    data.write_text("\n".join([good, good, '{"question": "broken'] + [good] * 5) + "\n")
+    out = tmp_path / "out"
+    res = cli(*FAST, "--out", str(out), "--task", "gsm8k", "--data", str(data))
+    assert res.returncode == 2
+    assert f"{data}:3" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_resume_with_incompatible_config(tmp_path):
+    out = run(tmp_path, "--steps", "1")
+    before = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)}
+    with pytest.raises(UserError, match="--resume: lr"):
+        train.main(FAST + ["--out", out, "--steps", "2", "--resume", "--lr", "5e-4"])
+    with pytest.raises(UserError, match="already holds a run"):
+        train.main(FAST + ["--out", out, "--steps", "2"])
+    assert before == {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out)}
+
+
+@pytest.mark.slow
+def test_embedded_default_learns(tmp_path):
+    """`python train.py` with no flags: warm start, then GRPO; held-out accuracy must rise by >= 20 points."""
+    env = dict(os.environ, NANORL_CACHE=str(tmp_path / "cache"))
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.load(open(tmp_path / "out" / "summary.json"))
+    print(summary)
+    assert summary["acc_after"] - summary["acc_before"] >= 0.20, summary

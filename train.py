@@ -1,0 +1,795 @@
+"""The RL loop, end to end, on 1 CPU or N GPUs.
+
+    python train.py                                         # the embedded default: tiny model, arith, GRPO, CPU
+    python train.py --algo dapo --model smollm2-135m --task rg:basic_arithmetic --steps 4
+    torchrun --nproc_per_node=8 train.py --algo grpo --model path/to/Qwen2.5-1.5B-Instruct --task gsm8k --data gsm8k/
+
+One step (DESIGN.md): sample n completions per prompt with nanorl.sampler -> score them with the task's
+verifiable reward -> shape rewards, drop constant groups (dynamic sampling draws more prompts) ->
+advantages -> for each epoch, mini-batch and micro-batch: hidden states -> kernels.fused_logprobs ->
+algos.loss with globally all-reduced normalising counts -> backward -> AdamW step -> metrics, eval,
+checkpoint. Any field of the --algo preset can be overridden: --eps-high 0.28, --kl-coef 0, ...
+
+The policy keeps fp32 master weights; on GPU the forward runs under bf16 autocast and the sampler uses
+a bf16 copy refreshed after every optimizer step. On one CPU process the sampler uses the policy itself.
+"""
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+import kernels
+from nanorl import UserError, algos
+from nanorl import dist as D
+from nanorl.checkpoint import atomic_file, latest_state, load_state, save_state
+from nanorl.model import config_summary, load_model
+from nanorl.sampler import generate
+from nanorl.tasks import make_task, score
+from nanorl.tokenizer import load_tokenizer
+
+# flags that may differ between a run and its --resume (everything else must match)
+RESUMABLE = {"steps", "resume", "save_every", "eval_every", "eval_n", "log_every", "out", "dist_timeout", "progress"}
+
+
+class ArgParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, and a pointer to --help (argparse prints usage first)
+        print(f"error: {message}; see python {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parse_value(kind):
+    def parse(s):
+        if kind is bool:
+            if s.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+            return s.lower() in ("1", "true", "yes")
+        if s.lower() == "none":
+            return None
+        return kind(s)
+    return parse
+
+
+def parse_args(argv=None):
+    p = ArgParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # what to train
+    p.add_argument("--algo", default="grpo", help=f"preset: {', '.join(algos.PRESETS)}")
+    p.add_argument("--model", default="tiny", help="HF directory, .gguf file, 'tiny' or 'smollm2-135m'")
+    p.add_argument("--task", default="arith", help="arith | countdown | gsm8k | math | rg:NAME")
+    p.add_argument("--data", default=None, help="data file/dir for gsm8k, math, and the dpo/ipo pairs jsonl")
+    p.add_argument("--reward-fn", default=None, help="module:function or file.py:function replacing the task reward")
+    p.add_argument("--chat", default=None, type=_parse_value(bool), help="use the chat template (default: not for tiny)")
+    # rollout
+    p.add_argument("--prompts-per-step", type=int, default=32, help="prompts per step over all ranks")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 32 for tiny, 256 otherwise")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    # optimisation
+    p.add_argument("--steps", type=int, default=None, help="RL steps (default: 80 for tiny, 100 otherwise)")
+    p.add_argument("--lr", type=float, default=None, help="default: 1e-4 for tiny, 1e-6 otherwise")
+    p.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up, then a constant lr (verl, DAPO)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per epoch over a rollout batch")
+    p.add_argument("--micro-batch", type=int, default=64, help="sequences per forward/backward")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward: less memory")
+    # supervised warm start (SFT on the task's reference solutions), cached on disk
+    p.add_argument("--warm-start-steps", type=int, default=None, help="default: 300 for tiny, 0 otherwise")
+    p.add_argument("--warm-start-lr", type=float, default=2e-3)
+    # evaluation, logging, checkpoints
+    p.add_argument("--out", default="out", help="run directory: policy (HF format), state, metrics")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=0, help="held-out eval every K steps (0: only before/after)")
+    p.add_argument("--eval-n", type=int, default=200, help="held-out prompts per eval")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", default=None, type=_parse_value(bool), help="tqdm bar (default: when a tty)")
+    # systems
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--fsdp", action="store_true", help="shard the policy with FSDP2 (fully_shard) under torchrun")
+    p.add_argument("--kernel-impl", default="auto", choices=("auto", "torch", "triton"))
+    p.add_argument("--dist-timeout", type=int, default=600, help="seconds a rank waits for the others")
+    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
+    # every field of the --algo preset, e.g. --eps-high 0.28 --kl-coef 0 --agg token_mean
+    g = p.add_argument_group("algorithm settings (default: the --algo preset's)")
+    for f in dataclasses.fields(algos.AlgoConfig):
+        if f.name in ("name", "doc", "seed"):  # seed: the trainer seeds clip_cov from --seed
+            continue
+        kind = type(f.default) if f.default is not None else float
+        flags = ["-n", "--group-size"] if f.name == "group_size" else [f"--{f.name.replace('_', '-')}"]
+        g.add_argument(*flags, dest=f"algo_{f.name}", default=argparse.SUPPRESS, type=_parse_value(kind),
+                       metavar=kind.__name__.upper())
+    args = p.parse_args(argv)
+    tiny = args.model == "tiny"
+    for name, small, big in (("max_new_tokens", 32, 256), ("steps", 80, 100), ("lr", 1e-4, 1e-6),
+                             ("warm_start_steps", 300, 0)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if tiny else big)
+    overrides = {k[5:]: v for k, v in vars(args).items() if k.startswith("algo_")}
+    if overrides.get("agg", algos.PRESETS.get(args.algo, algos.AlgoConfig()).agg) == "token_sum_norm":
+        overrides.setdefault("l_max", args.max_new_tokens)
+    try:
+        args.cfg = algos.make_config(args.algo, **overrides)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    args.chat = (not tiny) if args.chat is None else args.chat
+    for name in ("prompts_per_step", "max_new_tokens", "micro_batch", "mini_batches", "eval_n"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# the policy as one module: DDP/FSDP wrap it, and everything trainable runs inside its forward
+
+
+class Policy(nn.Module):
+    """Transformer (+ PPO value head) -> per-token logp and entropy of the completion tokens."""
+
+    def __init__(self, model, value_head=None, impl="auto"):
+        super().__init__()
+        self.model, self.value_head, self.impl = model, value_head, impl
+
+    def forward(self, ids, idx, targets, mask, temperature=1.0):
+        """ids [M, L]; idx/targets/mask [M, Tc]: position in ids whose output predicts targets, and validity.
+
+        Only the valid completion positions reach the LM-head kernel (packed), so padding and prompt
+        tokens cost no vocabulary work. Returns logp, entropy (and values) as [M, Tc], zero where invalid.
+        """
+        h = self.model.hidden(ids)
+        h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))  # [M, Tc, d]
+        sel = mask > 0
+        W = self.model.lm_head_weight
+        logp, ent = kernels.fused_logprobs(h[sel], W.to(h.dtype), targets[sel], temperature, impl=self.impl)
+        out_lp = h.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(sel, logp)
+        out_ent = h.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(sel, ent)
+        values = self.value_head(h.float()) if self.value_head is not None else None
+        return out_lp, out_ent, values
+
+
+def collate(prompts, completions, pad_id, device):
+    """Right-padded model inputs for rows of (prompt tokens, completion tokens)."""
+    M = len(prompts)
+    L = max(len(p) + len(c) for p, c in zip(prompts, completions)) - 1
+    Tc = max(len(c) for c in completions)
+    ids = torch.full((M, L), pad_id, dtype=torch.long)
+    idx = torch.zeros(M, Tc, dtype=torch.long)
+    targets = torch.zeros(M, Tc, dtype=torch.long)
+    mask = torch.zeros(M, Tc)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        seq = p + c
+        ids[i, :len(seq) - 1] = torch.tensor(seq[:-1])
+        idx[i, :len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))
+        targets[i, :len(c)] = torch.tensor(c)
+        mask[i, :len(c)] = 1
+    return [x.to(device) for x in (ids, idx, targets, mask)]
+
+
+def autocast(device):
+    # fp32 master weights, bf16 matmuls on GPU; the CPU path stays in fp32 (exact, and what tests compare)
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def forward_all(policy, prompts, completions, pad_id, device, mb, temperature):
+    """No-grad logp, entropy and values of every row, micro-batch by micro-batch: [B, T] each (values None)."""
+    T = max(len(c) for c in completions)
+    outs = [torch.zeros(len(prompts), T, device=device) for _ in range(3)]
+    has_values = False
+    for s in range(0, len(prompts), mb):
+        ids, idx, targets, mask = collate(prompts[s:s + mb], completions[s:s + mb], pad_id, device)
+        with autocast(device):
+            res = policy(ids, idx, targets, mask, temperature)
+        for o, r in zip(outs, res):
+            if r is not None:
+                o[s:s + mb, :r.shape[1]] = r
+        has_values = res[2] is not None
+    return outs[0], outs[1], outs[2] if has_values else None
+
+
+def token_matrix(rows, T, device):
+    """List of per-row float lists -> zero-padded [B, T] tensor."""
+    out = torch.zeros(len(rows), T)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r)
+    return out.to(device)
+
+
+# -----------------------------------------------------------------------------
+# data, evaluation, warm start
+
+
+class PromptStream:
+    """This rank's training examples, in a fixed order given the seed; `position` is saved in checkpoints."""
+
+    def __init__(self, task, rank, world):
+        self.task, self.rank, self.world, self.position = task, rank, world, 0
+
+    def next(self, n_global):
+        """This rank's share of the next n_global examples, with their global indices (the sampling seeds)."""
+        idx = [self.position + i for i in range(self.rank, n_global, self.world)]
+        self.position += n_global
+        return idx, [self.task.train_example(i) for i in idx]
+
+
+def encode_prompt(task, ex, tok, chat):
+    ids = tok.encode(task.prompt(ex, tok, chat))
+    if not ids:
+        raise UserError(f"{task.name}: example {ex.id} renders to an empty prompt; fix the data line")
+    return ids
+
+
+@torch.no_grad()
+def evaluate(model, tok, task, args, device, examples=None):
+    """Held-out greedy accuracy over eval_n examples (each rank does its share)."""
+    examples = examples if examples is not None else task.eval_examples(args.eval_n)
+    mine = examples[D.rank()::D.world_size()]
+    correct = 0.0
+    for s in range(0, len(mine), 256):
+        chunk = mine[s:s + 256]
+        prompts = [encode_prompt(task, ex, tok, args.chat) for ex in chunk]
+        res = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=0, stop_ids=tok.eos_ids)
+        sc = score(task, [tok.decode(c.tokens) for c in res], chunk)
+        correct += sum(sc.correct)
+    tot = D.all_reduce(torch.tensor([correct, float(len(mine))], dtype=torch.float64, device=device))
+    return float(tot[0] / tot[1].clamp(min=1))
+
+
+def sft_steps(model, tok, task, args, device, steps, lr, log=None, desc="warm start", metrics_out=None):
+    """Supervised fine-tuning on the task's reference solutions (+ EOS): -log pi of the solution tokens.
+
+    A step sees as many sequences as an RL step trains on (prompts_per_step x group_size). The lr warms
+    up, then stays constant: decaying it to zero would leave the model at a sharp point where the
+    first RL steps (Adam's first updates are sign steps of size lr) do more harm than good.
+    """
+    policy = Policy(model, impl=args.kernel_impl)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    eos = tok.eos_ids[0]
+    stream = PromptStream(task, D.rank(), D.world_size())
+    batch = args.prompts_per_step * args.cfg.group_size
+    model.train()
+    for step in range(steps):
+        exs = stream.next(batch)[1]
+        prompts = [encode_prompt(task, ex, tok, args.chat) for ex in exs]
+        comps = [tok.encode(ex.solution) + [eos] for ex in exs]
+        ids, idx, targets, mask = collate(prompts, comps, tok.pad_id, device)
+        n_tok = D.all_reduce(mask.sum())
+        with autocast(device):
+            logp, _, _ = policy(ids, idx, targets, mask)
+        loss, _ = algos.sft_loss(logp, mask, n_tokens=n_tok)
+        (loss * D.world_size()).backward()
+        for p in model.parameters():  # plain gradient averaging: this runs before DDP wraps the policy
+            if p.grad is not None:
+                D.all_reduce(p.grad)
+                p.grad /= D.world_size()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if metrics_out:
+            _append_metrics(metrics_out, {"step": step + 1, "nll": float(loss.detach()), "lr": opt.param_groups[0]["lr"]})
+        if log and (step % 50 == 0 or step == steps - 1):
+            log(f"{desc} step {step + 1}/{steps}: nll {loss.item():.3f}")
+    model.eval()
+
+
+def warm_start(model, tok, task, args, device, log):
+    """Run (or load from the cache) the supervised warm start; the cache key covers everything it depends on."""
+    key = json.dumps([args.model, args.task, args.data, args.chat, args.seed, args.warm_start_steps,
+                      args.warm_start_lr, args.prompts_per_step, D.world_size()])
+    cache = os.path.join(os.environ.get("NANORL_CACHE", os.path.expanduser("~/.cache/nanorl")),
+                         "warm-" + hashlib.sha256(key.encode()).hexdigest()[:16])
+    if os.path.isfile(os.path.join(cache, "model.safetensors")):
+        log(f"warm start: loading the cached model from {cache}")
+        return load_model(cache, device=device)
+    t0 = time.time()
+    sft_steps(model, tok, task, args, device, args.warm_start_steps, args.warm_start_lr, log)
+    if D.is_main():
+        model.save_pretrained(cache, tokenizer=tok)
+    D.barrier()
+    log(f"warm start: {args.warm_start_steps} SFT steps in {time.time() - t0:.0f}s, cached in {cache}")
+    return model
+
+
+# -----------------------------------------------------------------------------
+# one rollout: sample, score, shape, filter
+
+
+def rollout(sampler_model, tok, task, stream, args, cfg, step):
+    """Sample until this rank has its share of kept groups (DAPO dynamic sampling) or gives up.
+
+    Groups the filter drops are replaced by fresh prompts; if fewer than needed survive after
+    cfg.max_gen_batches generations, the batch is topped up with dropped groups whose rows are masked
+    out (every rank must run the same number of micro-batches). Returns per-row data and counters.
+    """
+    G, n_local = cfg.group_size, args.prompts_per_step // D.world_size()
+    kept, dropped, rewards, correct = [], [], [], []
+    st = {"gen_batches": 0, "reward_errors": 0, "reward_timeouts": 0, "score_s": 0.0}
+    while len(kept) < n_local:
+        idx, exs = stream.next(args.prompts_per_step)
+        prompts = [encode_prompt(task, ex, tok, args.chat) for ex in exs]
+        # one seed per example, from its global index: the samples do not depend on the number of ranks,
+        # and a resumed run draws exactly the samples the uninterrupted run would have
+        seeds = [int.from_bytes(hashlib.sha256(f"{args.seed}/{i}".encode()).digest()[:7], "little") for i in idx]
+        res = generate(sampler_model, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_p=args.top_p, top_k=args.top_k, stop_ids=tok.eos_ids, seed=seeds)
+        t0 = time.time()
+        sc = score(task, [tok.decode(c.tokens) for c in res], [ex for ex in exs for _ in range(G)])
+        st["score_s"] += time.time() - t0
+        st["reward_errors"] += sc.errors
+        st["reward_timeouts"] += sc.timeouts
+        rewards.append(torch.tensor(sc.rewards, dtype=torch.float32))
+        correct.append(torch.tensor(sc.correct, dtype=torch.float32))
+        lengths = torch.tensor([len(c.tokens) for c in res])
+        R = algos.shape_rewards(rewards[-1], lengths, args.max_new_tokens, cfg, torch.tensor(sc.formatted))
+        keep = algos.filter_groups(R, G, cfg.filter_groups, cfg.reward_max)
+        for gi, ex in enumerate(exs):
+            (kept if keep[gi] else dropped).append((ex, prompts[gi], res[gi * G:(gi + 1) * G], R[gi * G:(gi + 1) * G]))
+        st["gen_batches"] += 1
+        if cfg.filter_groups == "none" or 0 < cfg.max_gen_batches <= st["gen_batches"]:
+            break
+    st["groups_kept"] = min(len(kept), n_local)
+    groups = (kept + dropped)[:n_local]
+    rows = [(ex, p, c) for ex, p, comps, _ in groups for c in comps]
+    batch = dict(prompts=[p for _, p, _ in rows], comps=[c.tokens for _, _, c in rows], ex=[ex for ex, _, _ in rows],
+                 sampler_logp=[c.sampling_logprobs for _, _, c in rows], R=torch.cat([g[3] for g in groups]),
+                 truncated=torch.tensor([c.finish_reason == "length" for _, _, c in rows]),
+                 valid=torch.arange(len(groups)).repeat_interleave(G) < st["groups_kept"],
+                 rewards=torch.cat(rewards), correct=torch.cat(correct), stats=st)
+    if cfg.needs_greedy_baseline:  # ReMax: each prompt's greedy response, scored, is its baseline
+        greedy = generate(sampler_model, [g[1] for g in groups], max_new_tokens=args.max_new_tokens, temperature=0,
+                          stop_ids=tok.eos_ids)
+        batch["baseline"] = torch.tensor(score(task, [tok.decode(c.tokens) for c in greedy], [g[0] for g in groups]).rewards)
+    return batch
+
+
+# -----------------------------------------------------------------------------
+# the update of one rollout batch
+
+
+def _spans(start, end, size):
+    return [(s, min(s + size, end)) for s in range(start, end, size)]
+
+
+def update(wrapped, policy, ref, batch, args, cfg, pad_id, device, ctl, tracker, step, opt):
+    """Advantages, then ppo_epochs x mini_batches optimizer steps over the batch; returns metrics."""
+    t0 = time.time()
+    prompts, comps = batch["prompts"], batch["comps"]
+    B, T, G = len(comps), max(map(len, comps)), cfg.group_size
+    # micro-batches hold whole groups when the loss compares the samples of a group (reg, disco)
+    mb = -(-args.micro_batch // G) * G if cfg.needs_whole_groups else args.micro_batch
+    valid = batch["valid"].to(device)
+    mask = token_matrix([[1.0] * len(c) for c in comps], T, device) * valid[:, None]
+    truncated, R = batch["truncated"].to(device), batch["R"].to(device)
+    n_updates = cfg.ppo_epochs * args.mini_batches
+    old_lp = ent0 = values = ref_lp = None
+    if (n_updates > 1 and not cfg.on_policy) or cfg.needs_value or cfg.top_entropy_quantile < 1 or cfg.kl_in == "reward":
+        old_lp, ent0, values = forward_all(policy, prompts, comps, pad_id, device, mb, args.temperature)
+    if ref is not None:
+        ref_lp = forward_all(ref, prompts, comps, pad_id, device, mb, args.temperature)[0]
+    rollout_lp = token_matrix(batch["sampler_logp"], T, device)
+    token_rewards = None
+    if cfg.kl_in == "reward" and cfg.kl_coef:
+        token_rewards = algos.kl_reward(R, old_lp, ref_lp, mask, ctl["kl"].value, cfg.kl_estimator)
+    A = algos.advantages(R, G, cfg, mask=mask, token_rewards=token_rewards, values=values,
+                         baseline=batch.get("baseline"), lengths=mask.sum(-1), prompt_ids=[ex.id for ex in batch["ex"]],
+                         tracker=tracker, all_reduce=D.all_reduce)
+    A = A * (valid[:, None] if A.dim() == 2 else valid)  # padding groups carry no signal
+    returns = None
+    if cfg.needs_value:
+        tr = token_rewards if token_rewards is not None else algos.last_token_rewards(R, mask)
+        returns = algos.gae(tr, values, mask, cfg.gamma, cfg.lam)[1]
+    sums, metrics, skipped = {}, {}, False
+    per_mini = -(-(B // G) // args.mini_batches) * G  # rows per mini-batch, whole groups
+    for epoch in range(cfg.ppo_epochs):
+        for s0, e0 in _spans(0, B, per_mini):
+            chunks = _spans(s0, e0, mb)
+            counts = D.all_reduce(sum(algos.loss_counts(mask[s:e], cfg, truncated[s:e]) for s, e in chunks))
+            thr = None
+            if cfg.top_entropy_quantile < 1:  # one threshold for the whole mini-batch, over all ranks
+                h = D.all_gather_cat(ent0[s0:e0][mask[s0:e0] > 0])
+                thr = algos.entropy_quantile_threshold(h, torch.ones_like(h), cfg.top_entropy_quantile)
+            for ci, (s, e) in enumerate(chunks):
+                ids, idx, targets, m = collate(prompts[s:e], comps[s:e], pad_id, device)
+                Tc = m.shape[1]
+                m = m * valid[s:e, None]
+
+                def cut(x):
+                    return None if x is None else x[s:e, :Tc]
+                last = ci == len(chunks) - 1
+                with (wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()):
+                    with autocast(device):
+                        logp, ent, v = wrapped(ids, idx, targets, m, args.temperature)
+                    loss, mets = algos.loss(
+                        logp, cut(old_lp), A[s:e] if A.dim() == 1 else A[s:e, :Tc], m, cfg, cut(ref_lp), ent,
+                        rollout_logp=cut(rollout_lp), truncated=truncated[s:e], n_tokens=counts[0], n_seqs=counts[1],
+                        entropy_threshold=thr, kl_coef=ctl["kl"].value, entropy_coef=ctl["entropy"].value, group_size=G,
+                        generator=torch.Generator(device=device).manual_seed(args.seed * 100003 + step))
+                    if cfg.needs_value:
+                        vl, vm = algos.value_loss(v, cut(values), cut(returns), m, cfg, n_tokens=counts[0])
+                        loss, mets = loss + vl, mets | vm
+                    (loss * D.world_size()).backward()  # DDP averages over ranks; the counts are already global
+                for k, x in mets.items():
+                    x = x.detach().float()
+                    sums[k] = torch.maximum(sums[k], x) if k.endswith("_max") and k in sums else sums.get(k, 0) + x
+            norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            if not torch.isfinite(norm):  # skip the step, keep the weights; the caller counts these
+                opt.zero_grad(set_to_none=True)
+                skipped = True
+                continue
+            for group in opt.param_groups:
+                group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            metrics["grad_norm"] = float(norm)
+    for k, x in sums.items():  # each micro-batch's metric is its share of the mini-batch: sum, then average
+        x = D.all_reduce(torch.as_tensor(x, device=device).clone(), "max" if k.endswith("_max") else "sum")
+        metrics[k] = float(x) / (1 if k.endswith("_max") else n_updates)
+    if "kl" in metrics:
+        ctl["kl"].update(metrics["kl"], args.prompts_per_step * G)
+    if "entropy" in metrics:
+        ctl["entropy"].update(metrics["entropy"])
+    metrics.update(skipped=skipped, time_train=time.time() - t0)
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# offline preference optimisation (dpo, ipo): prompt / chosen / rejected pairs
+
+
+def read_pairs(path):
+    """Rows {prompt, chosen, rejected} of a jsonl file; one clear error naming the line otherwise."""
+    if not path or not os.path.isfile(path):
+        raise UserError(f"--data {path!r}: dpo/ipo need a jsonl file of {{prompt, chosen, rejected}} pairs")
+    rows = []
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise UserError(f"{path}:{i}: not a valid UTF-8 JSON line ({e}); fix or delete the line") from None
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k] for k in
+                                                    ("prompt", "chosen", "rejected")):
+                raise UserError(f"{path}:{i}: needs non-empty string fields prompt, chosen, rejected")
+            rows.append(row)
+    if len(rows) < 2:
+        raise UserError(f"{path}: needs at least 2 pairs (one is held out for evaluation)")
+    return rows
+
+
+def train_preference(model, tok, args, cfg, device, log):
+    """DPO-family training: the reference is the initial policy; the last 10% of pairs (max 200) are held out.
+
+    Held-out accuracy is the fraction of pairs whose chosen answer the policy finds likelier per token
+    than the rejected one (length-normalised log-likelihood): defined before training too.
+    """
+    rows = read_pairs(args.data)
+    n_eval = min(200, max(1, len(rows) // 10))
+    train_rows, eval_rows = rows[:-n_eval], rows[-n_eval:]
+    ref = Policy(copy.deepcopy(model).requires_grad_(False), impl=args.kernel_impl)
+    policy = Policy(model, impl=args.kernel_impl)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    eos = tok.eos_ids[0]
+
+    def encode(rs):
+        ps = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=True) if args.chat
+              else tok.encode(r["prompt"]) for r in rs]
+        return ps + ps, [tok.encode(r[k]) + [eos] for k in ("chosen", "rejected") for r in rs]
+
+    def seq_logps(pol, rs):
+        prompts, comps = encode(rs)
+        ids, idx, targets, mask = collate(prompts, comps, tok.pad_id, device)
+        with autocast(device):
+            logp = pol(ids, idx, targets, mask)[0]
+        n = len(rs)
+        lens = mask.sum(-1)
+        return (logp * mask).sum(-1)[:n], (logp * mask).sum(-1)[n:], lens[:n], lens[n:]
+
+    @torch.no_grad()
+    def accuracy():
+        hits = 0
+        for s in range(0, len(eval_rows), args.micro_batch):
+            c, r, lc, lr = seq_logps(policy, eval_rows[s:s + args.micro_batch])
+            hits += int((c / lc > r / lr).sum())
+        return hits / len(eval_rows)
+
+    acc_before, t0 = accuracy(), time.time()
+    log(f"held-out preference accuracy before: {acc_before:.3f} ({len(train_rows)} train / {len(eval_rows)} eval pairs)")
+    model.train()
+    for step in range(args.steps):
+        rs = [train_rows[(step * args.prompts_per_step + i) % len(train_rows)] for i in range(args.prompts_per_step)]
+        for s in range(0, len(rs), args.micro_batch):
+            part = rs[s:s + args.micro_batch]
+            with torch.no_grad():
+                rc, rr, _, _ = seq_logps(ref, part)
+            pc, pr, lc, lr = seq_logps(policy, part)
+            loss, mets = algos.preference_loss(pc, pr, rc, rr, cfg, lc, lr, n_pairs=len(rs))
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _append_metrics(args.out, {"step": step + 1, "loss": float(loss.detach()), **{k: float(v) for k, v in mets.items()}})
+    model.eval()
+    return acc_before, accuracy(), args.steps, time.time() - t0
+
+
+# -----------------------------------------------------------------------------
+# small helpers: copies, state, metrics, plot
+
+
+def _copy_model(model, dtype=None):
+    out = copy.deepcopy(model)
+    return out.to(dtype) if dtype is not None else out
+
+
+@torch.no_grad()
+def _copy_weights(dst, src):
+    """Refresh the sampler's copy of the policy (FSDP shards are gathered); no-op when they are one."""
+    if dst is src:
+        return
+    sd = src.state_dict()
+    for k, v in dst.state_dict().items():
+        x = sd[k]
+        v.copy_(x.full_tensor() if hasattr(x, "full_tensor") else x)
+
+
+def _states(policy, opt):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_states(policy, opt, model_state, optim_state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(policy, opt, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def _append_metrics(out, row):
+    if D.is_main():
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}) + "\n")
+
+
+def _trim_metrics(out, step):
+    """Drop metric lines after `step` (a crash after the last checkpoint left them; the resumed run redoes them)."""
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        keep = []
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                pass
+    with atomic_file(path) as f:
+        f.writelines(keep)
+
+
+def _plot(out):
+    """reward.png: training reward and accuracy per step (and held-out evals), when matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("reward_mean", "reward (train)"), ("accuracy", "accuracy (train samples)"),
+                       ("eval_accuracy", "held-out greedy accuracy")):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), "o-" if key == "eval_accuracy" else "-", label=label)
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_file(os.path.join(out, "reward.png"), "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _summary(out, **kw):
+    if D.is_main():
+        with atomic_file(os.path.join(out, "summary.json")) as f:
+            json.dump(kw, f, indent=2)
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = args.cfg
+    rank, world, device = D.init(args.dist_timeout)
+    device = torch.device(args.device) if args.device else device
+    t_start = time.time()
+    log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
+    if args.prompts_per_step % world:
+        raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} ranks")
+    run_args = {k: v for k, v in vars(args).items() if k != "cfg"} | {"cfg": dataclasses.asdict(cfg)}
+    state_dir = latest_state(args.out) if args.resume else None
+    if args.resume and state_dir is None:
+        raise UserError(f"--resume: no checkpoint in {args.out}/ckpt; drop --resume to start a new run")
+    if not args.resume and os.path.isdir(os.path.join(args.out, "ckpt")):
+        raise UserError(f"{args.out} already holds a run; pass --resume to continue it, or choose another --out")
+    saved = load_state(state_dir)[2] if state_dir else None
+    if saved is not None:  # a different configuration would not continue the same run
+        for k in sorted(set(saved["args"]) | set(run_args)):
+            if k not in RESUMABLE and saved["args"].get(k) != run_args.get(k):
+                raise UserError(f"--resume: {k} is {run_args.get(k)!r} but the run in {args.out} used "
+                                f"{saved['args'].get(k)!r}; use the same settings or another --out")
+
+    # everything that can fail on bad input happens before --out is written
+    tok = load_tokenizer(args.model)
+    if cfg.kind == "pref":
+        model = load_model(args.model, device=device, seed=args.seed)
+        acc_before, acc_after, steps, secs = train_preference(model, tok, args, cfg, device, log)
+        if D.is_main():
+            model.save_pretrained(args.out, tokenizer=tok)
+        _summary(args.out, acc_before=acc_before, acc_after=acc_after, steps=steps, seconds=round(secs, 1), algo=cfg.name)
+        log(f"held-out preference accuracy: before {acc_before:.3f} -> after {acc_after:.3f}")
+        return 0
+    task = make_task(args.task, data=args.data, seed=args.seed, reward_fn=args.reward_fn)
+    eval_examples = task.eval_examples(args.eval_n)
+    init_dir = os.path.join(args.out, "init")  # the warm-started model: the RL start and the KL reference
+    model = load_model(init_dir if saved and args.warm_start_steps else args.model, device=device, seed=args.seed)
+    if cfg.kind == "sft":  # --algo sft: the warm start's supervised loop as the whole run
+        acc_before = evaluate(model, tok, task, args, device, eval_examples)
+        sft_steps(model, tok, task, args, device, args.steps, args.lr, log, desc="sft", metrics_out=args.out)
+        acc_after = evaluate(model, tok, task, args, device, eval_examples)
+        if D.is_main():
+            model.save_pretrained(args.out, tokenizer=tok)
+        _summary(args.out, acc_before=acc_before, acc_after=acc_after, steps=args.steps,
+                 seconds=round(time.time() - t_start, 1), algo=cfg.name)
+        log(f"held-out greedy accuracy: before {acc_before:.3f} -> after SFT {acc_after:.3f}")
+        return 0
+    if args.warm_start_steps and saved is None:
+        model = warm_start(model, tok, task, args, device, log)
+        if rank == 0:
+            model.save_pretrained(init_dir, tokenizer=tok)
+    ref = Policy(_copy_model(model).requires_grad_(False), impl=args.kernel_impl) if cfg.needs_ref else None
+    model.gradient_checkpointing = args.grad_checkpointing
+    # the sampler's weights: the policy itself on one CPU process, else a copy (bf16 on GPU) refreshed each step
+    sampler_model = model if device.type == "cpu" and not args.fsdp else \
+        _copy_model(model, torch.bfloat16 if device.type == "cuda" else None)
+    value_head = algos.ValueHead(model.cfg.hidden_size).to(device) if cfg.needs_value else None
+    policy = Policy(model, value_head, args.kernel_impl)
+    wrapped = D.wrap(policy, fsdp=args.fsdp)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=args.weight_decay)
+    ctl = {"kl": algos.AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon),
+           "entropy": algos.AdaptiveEntropy(cfg.entropy_coef, cfg.entropy_target, cfg.entropy_delta, cfg.entropy_coef_max)}
+    tracker = algos.make_tracker(cfg)
+    stream = PromptStream(task, rank, world)
+    step, acc_before, bad_steps = 0, None, 0
+    if saved is not None:
+        model_state, optim_state, _ = load_state(state_dir)
+        _load_states(policy, opt, model_state, optim_state)
+        _copy_weights(sampler_model, model)
+        step, acc_before, stream.position = saved["step"], saved["acc_before"], saved["position"]
+        for k, c in ctl.items():
+            c.load_state_dict(saved["ctl"][k])
+        if tracker is not None:
+            tracker.load_state_dict(saved["tracker"])
+        log(f"resumed from {state_dir} at step {step}")
+    log(f"nanorl: {config_summary(model)} | task {task.name} | algo {cfg.name} | {world} rank(s) on {device}")
+    if acc_before is None:
+        acc_before = evaluate(sampler_model, tok, task, args, device, eval_examples)
+        log(f"held-out greedy accuracy before RL: {acc_before:.3f}")
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        _trim_metrics(args.out, step)
+    stop = {"signal": None}
+    for s in (signal.SIGINT, signal.SIGTERM):  # finish the step, checkpoint, exit cleanly
+        signal.signal(s, lambda signum, frame: stop.__setitem__("signal", signum))
+
+    def checkpoint(step):
+        msd, osd = _states(policy, opt)
+        st = dict(step=step, acc_before=acc_before, position=stream.position, args=run_args,
+                  ctl={k: c.state_dict() for k, c in ctl.items()},
+                  tracker=tracker.state_dict() if tracker is not None else None)
+        if rank == 0:
+            save_state(args.out, step, msd, osd, st)
+            (model if device.type == "cpu" and not args.fsdp else _fp32(sampler_model, msd)).save_pretrained(
+                args.out, tokenizer=tok)
+        D.barrier()
+
+    bar = None
+    if rank == 0 and (args.progress if args.progress is not None else sys.stderr.isatty()):
+        from tqdm import tqdm
+        bar = tqdm(total=args.steps, initial=step, desc="rl", dynamic_ncols=True)
+    while step < args.steps and stop["signal"] is None:
+        t0 = time.time()
+        batch = rollout(sampler_model, tok, task, stream, args, cfg, step)
+        t_rollout = time.time() - t0
+        metrics = update(wrapped, policy, ref, batch, args, cfg, tok.pad_id, device, ctl, tracker, step, opt)
+        bad_steps = bad_steps + 1 if metrics["skipped"] else 0
+        if bad_steps >= args.max_bad_steps:
+            raise TrainingStopped(f"{bad_steps} steps in a row had a non-finite loss or gradient; the last "
+                                  f"checkpoint in {args.out} is intact: lower --lr or check the rewards")
+        _copy_weights(sampler_model, model)
+        step += 1
+        st, r = batch["stats"], batch["rewards"]
+        tot = D.all_reduce(torch.tensor([r.sum(), (r * r).sum(), r.numel(), batch["correct"].sum(),
+                                         sum(map(len, batch["comps"])), len(batch["comps"]), st["groups_kept"],
+                                         st["reward_errors"], st["reward_timeouts"]], dtype=torch.float64, device=device))
+        mean = float(tot[0] / tot[2])
+        metrics.update(step=step, reward_mean=mean, reward_std=max(float(tot[1] / tot[2]) - mean ** 2, 0.0) ** 0.5,
+                       accuracy=float(tot[3] / tot[2]), response_len=float(tot[4] / tot[5]),
+                       gen_batches=st["gen_batches"], groups_kept=int(tot[6]), reward_errors=int(tot[7]),
+                       reward_timeouts=int(tot[8]), lr=opt.param_groups[0]["lr"],
+                       time_sample=t_rollout - st["score_s"], time_score=st["score_s"],
+                       tokens_per_s=float(tot[4]) / max(time.time() - t0, 1e-9), seconds=time.time() - t_start)
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            metrics["eval_accuracy"] = evaluate(sampler_model, tok, task, args, device, eval_examples)
+        _append_metrics(args.out, metrics)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+        elif step % 10 == 0 or step == args.steps:
+            log(f"step {step}/{args.steps}: reward {metrics['reward_mean']:.3f} acc {metrics['accuracy']:.3f} "
+                f"len {metrics['response_len']:.1f} {metrics['tokens_per_s']:.0f} tok/s")
+        if step % args.save_every == 0 or step == args.steps or stop["signal"] is not None:
+            checkpoint(step)
+    if bar is not None:
+        bar.close()
+    if stop["signal"] is not None:
+        log(f"stopped by signal {stop['signal']}: checkpoint saved at step {step}; continue with --resume")
+        return 0
+    acc_after = evaluate(sampler_model, tok, task, args, device, eval_examples)
+    seconds = time.time() - t_start
+    _summary(args.out, acc_before=acc_before, acc_after=acc_after, steps=step, seconds=round(seconds, 1),
+             algo=cfg.name, task=task.name, model=args.model)
+    if rank == 0:
+        _plot(args.out)
+    log(f"held-out greedy accuracy: before RL {acc_before:.3f} -> after RL {acc_after:.3f} "
+        f"({step} steps, {seconds:.0f}s); policy saved in {args.out}/")
+    return 0
+
+
+def _fp32(sampler_model, model_state):
+    """An fp32 Transformer holding the full policy weights, for save_pretrained from a copy or FSDP shards."""
+    out = _copy_model(sampler_model, torch.float32)
+    out.load_state_dict({k[len("model."):]: v for k, v in model_state.items() if k.startswith("model.")})
+    return out
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (it diverged); the last checkpoint is intact."""
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        D.shutdown()
