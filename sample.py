@@ -1,12 +1,15 @@
 """Generate from any checkpoint, streaming the first sample; report tokens/s (and GPU memory bandwidth).
 
     python sample.py --model smollm2-135m --prompt "What is 12 + 30?" --chat -n 4 --max-new-tokens 64
+    python sample.py --model out --task arith --eval -n 8      # held-out accuracy and pass@k of a trained run
 
 Achieved bandwidth is reported as gpt-fast does: the bytes of weights read per decode step times
 decode steps per second (the KV cache reads are left out, so it is a lower bound).
 """
 
 import argparse
+import json
+import os
 import sys
 import time
 
@@ -23,11 +26,16 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
     # what to generate
     p.add_argument("--prompt", default=None, help="the prompt text")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--chat", default=None, action=argparse.BooleanOptionalAction,
+                   help="use the model's chat template (default: as the run in --model was trained; else off)")
+    p.add_argument("--task", default=None, help="evaluate on a task's held-out split (with --eval)")
+    p.add_argument("--eval", action="store_true", help="report held-out accuracy and pass@k on --task")
+    p.add_argument("--data", default=None, help="data file for tasks that read one (gsm8k, math)")
+    p.add_argument("--eval-n", type=int, default=200, help="held-out prompts to evaluate")
     # sampling
     p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's, else 128")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: 0.8; eval: 0 if n = 1, else 1)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -53,7 +61,7 @@ def run_prompt(args, model, tok):
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=True)
     else:
         ids = tok.encode(args.prompt)
-    temperature = args.temperature
+    temperature = 0.8 if args.temperature is None else args.temperature
     streamed = []
 
     def stream(_, token):  # decode the whole prefix each time: multi-byte characters span tokens
@@ -82,14 +90,62 @@ def run_prompt(args, model, tok):
     print(line, file=sys.stderr)
 
 
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2107.03374): 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1 - k / i
+    return 1 - prod
+
+
+def run_eval(args, model, tok):
+    """Held-out accuracy: greedy with n = 1; with n > 1, mean accuracy (pass@1) and pass@k for k = 1, 2, 4, .. n."""
+    from nanorl.sampler import generate
+    from nanorl.tasks import make_task, score
+
+    task = make_task(args.task, data=args.data)
+    exs = task.eval_examples(args.eval_n)
+    n = args.num_samples
+    temperature = args.temperature if args.temperature is not None else (0.0 if n == 1 else 1.0)
+    t0 = time.perf_counter()
+    correct, tokens = [], 0
+    for s in range(0, len(exs), 64):
+        chunk = exs[s:s + 64]
+        prompts = [tok.encode(task.prompt(ex, tok, args.chat)) for ex in chunk]
+        res = generate(model, prompts, n=n, max_new_tokens=args.max_new_tokens, temperature=temperature,
+                       top_p=args.top_p, top_k=args.top_k, stop_ids=tok.eos_ids, seed=args.seed + s)
+        sc = score(task, [tok.decode(c.tokens) for c in res], [ex for ex in chunk for _ in range(n)])
+        correct += [sum(sc.correct[i * n:(i + 1) * n]) for i in range(len(chunk))]
+        tokens += sum(len(c.tokens) for c in res)
+    dt = time.perf_counter() - t0
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= n]
+    out = {"task": task.name, "prompts": len(exs), "samples_per_prompt": n, "temperature": temperature,
+           "accuracy": sum(correct) / (n * len(exs))}
+    out.update({f"pass@{k}": sum(pass_at_k(n, c, k) for c in correct) / len(exs) for k in ks})
+    print(json.dumps(out))
+    print(f"{tokens} tokens in {dt:.1f}s: {tokens / dt:.1f} tokens/s", file=sys.stderr)
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.prompt is None:
-        raise UserError("pass --prompt TEXT")
+    if (args.prompt is None) == (args.task is None):
+        raise UserError("pass exactly one of --prompt TEXT or --task NAME --eval")
+    if args.task is not None and not args.eval:
+        raise UserError("--task needs --eval (sample.py evaluates on tasks; train.py trains on them)")
     if args.num_samples < 1:
         raise UserError(f"-n {args.num_samples}: the number of samples must be >= 1")
+    # a run directory remembers how its prompts were rendered and how long its answers were
+    run = {}
+    if os.path.isfile(os.path.join(args.model, "run.json")):
+        with open(os.path.join(args.model, "run.json")) as f:
+            run = json.load(f)
+    args.chat = run.get("chat", False) if args.chat is None else args.chat
+    args.max_new_tokens = args.max_new_tokens or run.get("max_new_tokens", 128)
     model, tok = load(args)
-    run_prompt(args, model, tok)
+    return run_eval(args, model, tok) if args.eval else run_prompt(args, model, tok)
 
 
 if __name__ == "__main__":

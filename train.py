@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -566,7 +567,7 @@ def _append_metrics(out, row):
     if D.is_main():
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()}) + "\n")
+            f.write(json.dumps({k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in row.items()}) + "\n")
 
 
 def _trim_metrics(out, step):
@@ -634,8 +635,6 @@ def main(argv=None):
     state_dir = latest_state(args.out) if args.resume else None
     if args.resume and state_dir is None:
         raise UserError(f"--resume: no checkpoint in {args.out}/ckpt; drop --resume to start a new run")
-    if not args.resume and os.path.isdir(os.path.join(args.out, "ckpt")):
-        raise UserError(f"{args.out} already holds a run; pass --resume to continue it, or choose another --out")
     saved = load_state(state_dir)[2] if state_dir else None
     if saved is not None:  # a different configuration would not continue the same run
         for k in sorted(set(saved["args"]) | set(run_args)):
@@ -701,8 +700,13 @@ def main(argv=None):
         acc_before = evaluate(sampler_model, tok, task, args, device, eval_examples)
         log(f"held-out greedy accuracy before RL: {acc_before:.3f}")
     if rank == 0:
+        if saved is None and os.path.isdir(os.path.join(args.out, "ckpt")):
+            log(f"{args.out} held a previous run: starting over (continue a run with --resume instead)")
+            shutil.rmtree(os.path.join(args.out, "ckpt"))
         os.makedirs(args.out, exist_ok=True)
         _trim_metrics(args.out, step)
+        with atomic_file(os.path.join(args.out, "run.json")) as f:  # how to prompt the policy: sample.py reads it
+            json.dump(run_args, f, indent=2)
     stop = {"signal": None}
     for s in (signal.SIGINT, signal.SIGTERM):  # finish the step, checkpoint, exit cleanly
         signal.signal(s, lambda signum, frame: stop.__setitem__("signal", signum))
