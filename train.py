@@ -39,7 +39,7 @@ from nanorl.tasks import make_task, score
 from nanorl.tokenizer import load_tokenizer
 
 # flags that may differ between a run and its --resume (everything else must match)
-RESUMABLE = {"steps", "resume", "save_every", "eval_every", "eval_n", "log_every", "out", "dist_timeout", "progress"}
+RESUMABLE = {"steps", "resume", "save_every", "eval_every", "eval_n", "out", "dist_timeout", "progress", "max_bad_steps"}
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -69,6 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default=None, help="data file/dir for gsm8k, math, and the dpo/ipo pairs jsonl")
     p.add_argument("--reward-fn", default=None, help="module:function or file.py:function replacing the task reward")
     p.add_argument("--chat", default=None, type=_parse_value(bool), help="use the chat template (default: not for tiny)")
+    p.add_argument("--reward-timeout", type=float, default=10.0, help="seconds a reward call may take before it scores 0")
     # rollout
     p.add_argument("--prompts-per-step", type=int, default=32, help="prompts per step over all ranks")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 32 for tiny, 256 otherwise")
@@ -226,8 +227,20 @@ class PromptStream:
 def encode_prompt(task, ex, tok, chat):
     ids = tok.encode(task.prompt(ex, tok, chat))
     if not ids:
-        raise UserError(f"{task.name}: example {ex.id} renders to an empty prompt; fix the data line")
+        raise UserError(f"{ex.meta.get('where', task.name + ' example ' + ex.id)}: the prompt is empty; fix the data line")
     return ids
+
+
+def check_prompts(task, tok, args, context, eval_examples):
+    """A data file's prompts must leave room to answer: fail at the start, naming the line, not hours in."""
+    if task.n_train is None:  # procedural tasks draw short prompts
+        return
+    for ex in [task.train_example(i) for i in range(task.n_train)] + list(eval_examples):
+        n = len(encode_prompt(task, ex, tok, args.chat))
+        if n >= context:
+            where = ex.meta.get("where", f"{task.name} example {ex.id}")
+            raise UserError(f"{where}: the prompt has {n} tokens but the model's context is {context}; "
+                            f"shorten or delete the line")
 
 
 @torch.no_grad()
@@ -240,7 +253,7 @@ def evaluate(model, tok, task, args, device, examples=None):
         chunk = mine[s:s + 256]
         prompts = [encode_prompt(task, ex, tok, args.chat) for ex in chunk]
         res = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=0, stop_ids=tok.eos_ids)
-        sc = score(task, [tok.decode(c.tokens) for c in res], chunk)
+        sc = score(task, [tok.decode(c.tokens) for c in res], chunk, args.reward_timeout)
         correct += sum(sc.correct)
     tot = D.all_reduce(torch.tensor([correct, float(len(mine))], dtype=torch.float64, device=device))
     return float(tot[0] / tot[1].clamp(min=1))
@@ -326,7 +339,7 @@ def rollout(sampler_model, tok, task, stream, args, cfg, step):
         res = generate(sampler_model, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_p=args.top_p, top_k=args.top_k, stop_ids=tok.eos_ids, seed=seeds)
         t0 = time.time()
-        sc = score(task, [tok.decode(c.tokens) for c in res], [ex for ex in exs for _ in range(G)])
+        sc = score(task, [tok.decode(c.tokens) for c in res], [ex for ex in exs for _ in range(G)], args.reward_timeout)
         st["score_s"] += time.time() - t0
         st["reward_errors"] += sc.errors
         st["reward_timeouts"] += sc.timeouts
@@ -334,13 +347,20 @@ def rollout(sampler_model, tok, task, stream, args, cfg, step):
         correct.append(torch.tensor(sc.correct, dtype=torch.float32))
         lengths = torch.tensor([len(c.tokens) for c in res])
         R = algos.shape_rewards(rewards[-1], lengths, args.max_new_tokens, cfg, torch.tensor(sc.formatted))
-        keep = algos.filter_groups(R, G, cfg.filter_groups, cfg.reward_max)
+        # filter on the task reward, not the shaped one (DAPO filters on accuracy: verl's metric=acc)
+        keep = algos.filter_groups(rewards[-1], G, cfg.filter_groups, cfg.reward_max)
         for gi, ex in enumerate(exs):
             (kept if keep[gi] else dropped).append((ex, prompts[gi], res[gi * G:(gi + 1) * G], R[gi * G:(gi + 1) * G]))
         st["gen_batches"] += 1
         if cfg.filter_groups == "none" or 0 < cfg.max_gen_batches <= st["gen_batches"]:
             break
     st["groups_kept"] = min(len(kept), n_local)
+    if cfg.filter_groups != "none" and int(D.all_reduce(torch.tensor(len(kept)))) == 0:
+        mean = float(torch.cat(rewards).mean())
+        verdict = "too hard for the model" if mean <= 0.5 else "too easy for the model"
+        raise TrainingStopped(f"dynamic sampling: every group had equal rewards in {st['gen_batches']} generation "
+                              f"batches (mean reward {mean:.2f}): the task is {verdict}; pick another task or model, "
+                              f"raise --max-gen-batches, or set --filter-groups none")
     groups = (kept + dropped)[:n_local]
     rows = [(ex, p, c) for ex, p, comps, _ in groups for c in comps]
     batch = dict(prompts=[p for _, p, _ in rows], comps=[c.tokens for _, _, c in rows], ex=[ex for ex, _, _ in rows],
@@ -351,7 +371,8 @@ def rollout(sampler_model, tok, task, stream, args, cfg, step):
     if cfg.needs_greedy_baseline:  # ReMax: each prompt's greedy response, scored, is its baseline
         greedy = generate(sampler_model, [g[1] for g in groups], max_new_tokens=args.max_new_tokens, temperature=0,
                           stop_ids=tok.eos_ids)
-        batch["baseline"] = torch.tensor(score(task, [tok.decode(c.tokens) for c in greedy], [g[0] for g in groups]).rewards)
+        texts = [tok.decode(c.tokens) for c in greedy]
+        batch["baseline"] = torch.tensor(score(task, texts, [g[0] for g in groups], args.reward_timeout).rewards)
     return batch
 
 
@@ -438,9 +459,9 @@ def update(wrapped, policy, ref, batch, args, cfg, pad_id, device, ctl, tracker,
     for k, x in sums.items():  # each micro-batch's metric is its share of the mini-batch: sum, then average
         x = D.all_reduce(torch.as_tensor(x, device=device).clone(), "max" if k.endswith("_max") else "sum")
         metrics[k] = float(x) / (1 if k.endswith("_max") else n_updates)
-    if "kl" in metrics:
+    if "kl" in metrics and not skipped:  # a non-finite step must not poison the controllers
         ctl["kl"].update(metrics["kl"], args.prompts_per_step * G)
-    if "entropy" in metrics:
+    if "entropy" in metrics and not skipped:
         ctl["entropy"].update(metrics["entropy"])
     metrics.update(skipped=skipped, time_train=time.time() - t0)
     return metrics
@@ -656,6 +677,7 @@ def main(argv=None):
     eval_examples = task.eval_examples(args.eval_n)
     init_dir = os.path.join(args.out, "init")  # the warm-started model: the RL start and the KL reference
     model = load_model(init_dir if saved and args.warm_start_steps else args.model, device=device, seed=args.seed)
+    check_prompts(task, tok, args, model.cfg.max_seq_len, eval_examples)
     if cfg.kind == "sft":  # --algo sft: the warm start's supervised loop as the whole run
         acc_before = evaluate(model, tok, task, args, device, eval_examples)
         sft_steps(model, tok, task, args, device, args.steps, args.lr, log, desc="sft", metrics_out=args.out)
@@ -684,17 +706,21 @@ def main(argv=None):
            "entropy": algos.AdaptiveEntropy(cfg.entropy_coef, cfg.entropy_target, cfg.entropy_delta, cfg.entropy_coef_max)}
     tracker = algos.make_tracker(cfg)
     stream = PromptStream(task, rank, world)
-    step, acc_before, bad_steps = 0, None, 0
+    step, acc_before, bad_steps, skipped_total = 0, None, 0, 0
     if saved is not None:
         model_state, optim_state, _ = load_state(state_dir)
         _load_states(policy, opt, model_state, optim_state)
         _copy_weights(sampler_model, model)
         step, acc_before, stream.position = saved["step"], saved["acc_before"], saved["position"]
+        skipped_total = saved["skipped"]
         for k, c in ctl.items():
             c.load_state_dict(saved["ctl"][k])
         if tracker is not None:
             tracker.load_state_dict(saved["tracker"])
         log(f"resumed from {state_dir} at step {step}")
+        for name in os.listdir(os.path.join(args.out, "ckpt")) if rank == 0 else []:
+            if name.startswith((".tmp-", ".old-")):  # a checkpoint write that was killed: never complete
+                shutil.rmtree(os.path.join(args.out, "ckpt", name), ignore_errors=True)
     log(f"nanorl: {config_summary(model)} | task {task.name} | algo {cfg.name} | {world} rank(s) on {device}")
     if acc_before is None:
         acc_before = evaluate(sampler_model, tok, task, args, device, eval_examples)
@@ -713,7 +739,7 @@ def main(argv=None):
 
     def checkpoint(step):
         msd, osd = _states(policy, opt)
-        st = dict(step=step, acc_before=acc_before, position=stream.position, args=run_args,
+        st = dict(step=step, acc_before=acc_before, position=stream.position, args=run_args, skipped=skipped_total,
                   ctl={k: c.state_dict() for k, c in ctl.items()},
                   tracker=tracker.state_dict() if tracker is not None else None)
         if rank == 0:
@@ -732,6 +758,7 @@ def main(argv=None):
         t_rollout = time.time() - t0
         metrics = update(wrapped, policy, ref, batch, args, cfg, tok.pad_id, device, ctl, tracker, step, opt)
         bad_steps = bad_steps + 1 if metrics["skipped"] else 0
+        skipped_total += metrics["skipped"]
         if bad_steps >= args.max_bad_steps:
             raise TrainingStopped(f"{bad_steps} steps in a row had a non-finite loss or gradient; the last "
                                   f"checkpoint in {args.out} is intact: lower --lr or check the rewards")
@@ -745,7 +772,7 @@ def main(argv=None):
         metrics.update(step=step, reward_mean=mean, reward_std=max(float(tot[1] / tot[2]) - mean ** 2, 0.0) ** 0.5,
                        accuracy=float(tot[3] / tot[2]), response_len=float(tot[4] / tot[5]),
                        gen_batches=st["gen_batches"], groups_kept=int(tot[6]), reward_errors=int(tot[7]),
-                       reward_timeouts=int(tot[8]), lr=opt.param_groups[0]["lr"],
+                       reward_timeouts=int(tot[8]), skipped_steps=skipped_total, lr=opt.param_groups[0]["lr"],
                        time_sample=t_rollout - st["score_s"], time_score=st["score_s"],
                        tokens_per_s=float(tot[4]) / max(time.time() - t0, 1e-9), seconds=time.time() - t_start)
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
@@ -786,14 +813,27 @@ class TrainingStopped(RuntimeError):
     """The run cannot go on (it diverged); the last checkpoint is intact."""
 
 
-if __name__ == "__main__":
+def cli(argv=None):
+    """main() with the failure modes a user can meet turned into one clear line and an exit code."""
     try:
-        sys.exit(main())
-    except UserError as e:
+        return main(argv)
+    except UserError as e:  # bad input: nothing was written
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingStopped as e:
+        return 2
+    except TrainingStopped as e:  # the run cannot go on; its last checkpoint is intact
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    except torch.OutOfMemoryError:
+        print(f"error: out of GPU memory on rank {D.rank()}; lower --micro-batch (sequences per forward), "
+              f"--max-new-tokens or --prompts-per-step, or add --grad-checkpointing (or --fsdp on several GPUs)",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before RL started (warm start, first eval); during RL a signal checkpoints
+        print("interrupted", file=sys.stderr)
+        return 130
     finally:
         D.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -380,6 +380,7 @@ def read_jsonl(path, make):
             if not isinstance(rec, dict):
                 raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}; one object per line")
             ex = make(rec, where)
+            ex.meta["where"] = where  # so later checks (prompt too long) can name the line
             if "id" in rec:
                 ex.id = str(rec["id"])
                 if ex.id in ids:
