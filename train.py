@@ -142,39 +142,61 @@ class Policy(nn.Module):
         super().__init__()
         self.model, self.value_head, self.impl = model, value_head, impl
 
-    def forward(self, ids, idx, targets, mask, temperature=1.0):
-        """ids [M, L]; idx/targets/mask [M, Tc]: position in ids whose output predicts targets, and validity.
+    def forward(self, inp, temperature=1.0):
+        """inp: a dict from collate. Returns logp, entropy (and values) as [B, Tc], zero where mask is 0.
 
         Only the valid completion positions reach the LM-head kernel (packed), so padding and prompt
-        tokens cost no vocabulary work. Returns logp, entropy (and values) as [M, Tc], zero where invalid.
+        tokens cost no vocabulary work.
         """
-        h = self.model.hidden(ids)
-        h = h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))  # [M, Tc, d]
-        sel = mask > 0
+        h = self.model.hidden(inp["ids"], positions=inp["positions"], attn_mask=inp["attn_mask"])
+        h = h.flatten(0, 1)[inp["idx"]]  # [B, Tc, d]: the state whose output predicts each target
+        sel = inp["mask"] > 0
         W = self.model.lm_head_weight
-        logp, ent = kernels.fused_logprobs(h[sel], W.to(h.dtype), targets[sel], temperature, impl=self.impl)
-        out_lp = h.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(sel, logp)
-        out_ent = h.new_zeros(mask.shape, dtype=torch.float32).masked_scatter(sel, ent)
+        logp, ent = kernels.fused_logprobs(h[sel], W.to(h.dtype), inp["targets"][sel], temperature, impl=self.impl)
+        out_lp = h.new_zeros(sel.shape, dtype=torch.float32).masked_scatter(sel, logp)
+        out_ent = h.new_zeros(sel.shape, dtype=torch.float32).masked_scatter(sel, ent)
         values = self.value_head(h.float()) if self.value_head is not None else None
         return out_lp, out_ent, values
 
 
-def collate(prompts, completions, pad_id, device):
-    """Right-padded model inputs for rows of (prompt tokens, completion tokens)."""
-    M = len(prompts)
-    L = max(len(p) + len(c) for p, c in zip(prompts, completions)) - 1
-    Tc = max(len(c) for c in completions)
-    ids = torch.full((M, L), pad_id, dtype=torch.long)
-    idx = torch.zeros(M, Tc, dtype=torch.long)
-    targets = torch.zeros(M, Tc, dtype=torch.long)
-    mask = torch.zeros(M, Tc)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        seq = p + c
-        ids[i, :len(seq) - 1] = torch.tensor(seq[:-1])
-        idx[i, :len(c)] = torch.arange(len(p) - 1, len(p) - 1 + len(c))
-        targets[i, :len(c)] = torch.tensor(c)
-        mask[i, :len(c)] = 1
-    return [x.to(device) for x in (ids, idx, targets, mask)]
+def collate(prompts, completions, pad_id, device, group=1):
+    """Model inputs for rows of (prompt tokens, completion tokens).
+
+    Rows come in runs of `group` that share one prompt (a GRPO group). Each run becomes one packed row:
+    the prompt once, then each completion but its last token, every completion attending to the prompt
+    and causally to itself only (Prefix Grouper, 2506.05433). The shared prompt is computed once instead
+    of `group` times, with the same logprobs and gradients; group=1 is the plain causal layout.
+    Returns a dict: ids, positions [R, L]; attn_mask [R, 1, L, L] (None for group=1: causal); idx [B, Tc],
+    the flat index into the [R * L] hidden states of the state that predicts targets [B, Tc]; mask [B, Tc].
+    """
+    B, R = len(prompts), len(prompts) // group
+    lens = [len(prompts[r * group]) + sum(len(c) - 1 for c in completions[r * group:(r + 1) * group]) for r in range(R)]
+    L, Tc = max(lens), max(len(c) for c in completions)
+    ids = torch.full((R, L), pad_id, dtype=torch.long)
+    positions = torch.zeros(R, L, dtype=torch.long)
+    seg = torch.full((R, L), -2)  # -1: the shared prompt, i: completion i of the run, -2: padding
+    idx = torch.zeros(B, Tc, dtype=torch.long)
+    targets = torch.zeros(B, Tc, dtype=torch.long)
+    mask = torch.zeros(B, Tc)
+    for r in range(R):
+        p = prompts[r * group]
+        lp = len(p)
+        ids[r, :lp], positions[r, :lp], seg[r, :lp] = torch.tensor(p), torch.arange(lp), -1
+        off = lp
+        for i in range(group):
+            b, c = r * group + i, completions[r * group + i]
+            n = len(c) - 1
+            ids[r, off:off + n], positions[r, off:off + n], seg[r, off:off + n] = torch.tensor(c[:-1]), torch.arange(lp, lp + n), i
+            # c[0] is predicted by the prompt's last state, c[j] by the state of c[j - 1]
+            idx[b, 0], idx[b, 1:n + 1] = r * L + lp - 1, r * L + off + torch.arange(n)
+            targets[b, :n + 1], mask[b, :n + 1] = torch.tensor(c), 1
+            off += n
+    attn_mask = None
+    if group > 1:
+        k = torch.arange(L)
+        attn_mask = ((k[None, :] <= k[:, None])[None] & ((seg[:, None, :] == -1) | (seg[:, None, :] == seg[:, :, None])))[:, None]
+    out = dict(ids=ids, positions=positions, attn_mask=attn_mask, idx=idx, targets=targets, mask=mask)
+    return {key: v.to(device) if v is not None else None for key, v in out.items()}
 
 
 def autocast(device):
@@ -183,15 +205,14 @@ def autocast(device):
 
 
 @torch.no_grad()
-def forward_all(policy, prompts, completions, pad_id, device, mb, temperature):
+def forward_all(policy, prompts, completions, pad_id, device, mb, temperature, group=1):
     """No-grad logp, entropy and values of every row, micro-batch by micro-batch: [B, T] each (values None)."""
     T = max(len(c) for c in completions)
     outs = [torch.zeros(len(prompts), T, device=device) for _ in range(3)]
     has_values = False
     for s in range(0, len(prompts), mb):
-        ids, idx, targets, mask = collate(prompts[s:s + mb], completions[s:s + mb], pad_id, device)
         with autocast(device):
-            res = policy(ids, idx, targets, mask, temperature)
+            res = policy(collate(prompts[s:s + mb], completions[s:s + mb], pad_id, device, group), temperature)
         for o, r in zip(outs, res):
             if r is not None:
                 o[s:s + mb, :r.shape[1]] = r
@@ -276,11 +297,11 @@ def sft_steps(model, tok, task, args, device, steps, lr, log=None, desc="warm st
         exs = stream.next(batch)[1]
         prompts = [encode_prompt(task, ex, tok, args.chat) for ex in exs]
         comps = [tok.encode(ex.solution) + [eos] for ex in exs]
-        ids, idx, targets, mask = collate(prompts, comps, tok.pad_id, device)
-        n_tok = D.all_reduce(mask.sum())
+        inp = collate(prompts, comps, tok.pad_id, device)
+        n_tok = D.all_reduce(inp["mask"].sum())
         with autocast(device):
-            logp, _, _ = policy(ids, idx, targets, mask)
-        loss, _ = algos.sft_loss(logp, mask, n_tokens=n_tok)
+            logp, _, _ = policy(inp)
+        loss, _ = algos.sft_loss(logp, inp["mask"], n_tokens=n_tok)
         (loss * D.world_size()).backward()
         for p in model.parameters():  # plain gradient averaging: this runs before DDP wraps the policy
             if p.grad is not None:
@@ -300,8 +321,8 @@ def sft_steps(model, tok, task, args, device, steps, lr, log=None, desc="warm st
 
 def warm_start(model, tok, task, args, device, log):
     """Run (or load from the cache) the supervised warm start; the cache key covers everything it depends on."""
-    key = json.dumps([args.model, args.task, args.data, args.chat, args.seed, args.warm_start_steps,
-                      args.warm_start_lr, args.prompts_per_step, D.world_size()])
+    key = json.dumps(["v1", args.model, args.task, args.data, args.chat, args.seed, args.warm_start_steps,
+                      args.warm_start_lr, args.warmup_steps, args.prompts_per_step, args.cfg.group_size, D.world_size()])
     cache = os.path.join(os.environ.get("NANORL_CACHE", os.path.expanduser("~/.cache/nanorl")),
                          "warm-" + hashlib.sha256(key.encode()).hexdigest()[:16])
     if os.path.isfile(os.path.join(cache, "model.safetensors")):
@@ -389,20 +410,21 @@ def update(wrapped, policy, ref, batch, args, cfg, pad_id, device, ctl, tracker,
     t0 = time.time()
     prompts, comps = batch["prompts"], batch["comps"]
     B, T, G = len(comps), max(map(len, comps)), cfg.group_size
-    # micro-batches hold whole groups when the loss compares the samples of a group (reg, disco)
-    mb = -(-args.micro_batch // G) * G if cfg.needs_whole_groups else args.micro_batch
+    # micro-batches hold whole groups: each group is one packed row (collate), and reg / disco compare them
+    mb = -(-args.micro_batch // G) * G
     valid = batch["valid"].to(device)
     mask = token_matrix([[1.0] * len(c) for c in comps], T, device) * valid[:, None]
     truncated, R = batch["truncated"].to(device), batch["R"].to(device)
     n_updates = cfg.ppo_epochs * args.mini_batches
     old_lp = ent0 = values = ref_lp = None
-    if (n_updates > 1 and not cfg.on_policy) or cfg.needs_value or cfg.top_entropy_quantile < 1 or cfg.kl_in == "reward":
-        old_lp, ent0, values = forward_all(policy, prompts, comps, pad_id, device, mb, args.temperature)
+    kl_reward = cfg.kl_in == "reward" and cfg.kl_coef > 0
+    if (n_updates > 1 and not cfg.on_policy) or cfg.needs_value or cfg.top_entropy_quantile < 1 or kl_reward:
+        old_lp, ent0, values = forward_all(policy, prompts, comps, pad_id, device, mb, args.temperature, G)
     if ref is not None:
-        ref_lp = forward_all(ref, prompts, comps, pad_id, device, mb, args.temperature)[0]
+        ref_lp = forward_all(ref, prompts, comps, pad_id, device, mb, args.temperature, G)[0]
     rollout_lp = token_matrix(batch["sampler_logp"], T, device)
     token_rewards = None
-    if cfg.kl_in == "reward" and cfg.kl_coef:
+    if kl_reward:
         token_rewards = algos.kl_reward(R, old_lp, ref_lp, mask, ctl["kl"].value, cfg.kl_estimator)
     A = algos.advantages(R, G, cfg, mask=mask, token_rewards=token_rewards, values=values,
                          baseline=batch.get("baseline"), lengths=mask.sum(-1), prompt_ids=[ex.id for ex in batch["ex"]],
@@ -423,16 +445,16 @@ def update(wrapped, policy, ref, batch, args, cfg, pad_id, device, ctl, tracker,
                 h = D.all_gather_cat(ent0[s0:e0][mask[s0:e0] > 0])
                 thr = algos.entropy_quantile_threshold(h, torch.ones_like(h), cfg.top_entropy_quantile)
             for ci, (s, e) in enumerate(chunks):
-                ids, idx, targets, m = collate(prompts[s:e], comps[s:e], pad_id, device)
-                Tc = m.shape[1]
-                m = m * valid[s:e, None]
+                inp = collate(prompts[s:e], comps[s:e], pad_id, device, G)
+                Tc = inp["mask"].shape[1]
+                m = inp["mask"] = inp["mask"] * valid[s:e, None]
 
                 def cut(x):
                     return None if x is None else x[s:e, :Tc]
                 last = ci == len(chunks) - 1
                 with (wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()):
                     with autocast(device):
-                        logp, ent, v = wrapped(ids, idx, targets, m, args.temperature)
+                        logp, ent, v = wrapped(inp, args.temperature)
                     loss, mets = algos.loss(
                         logp, cut(old_lp), A[s:e] if A.dim() == 1 else A[s:e, :Tc], m, cfg, cut(ref_lp), ent,
                         rollout_logp=cut(rollout_lp), truncated=truncated[s:e], n_tokens=counts[0], n_seqs=counts[1],
@@ -514,10 +536,10 @@ def train_preference(model, tok, args, cfg, device, log):
 
     def seq_logps(pol, rs):
         prompts, comps = encode(rs)
-        ids, idx, targets, mask = collate(prompts, comps, tok.pad_id, device)
+        inp = collate(prompts, comps, tok.pad_id, device)
         with autocast(device):
-            logp = pol(ids, idx, targets, mask)[0]
-        n = len(rs)
+            logp = pol(inp)[0]
+        n, mask = len(rs), inp["mask"]
         lens = mask.sum(-1)
         return (logp * mask).sum(-1)[:n], (logp * mask).sum(-1)[n:], lens[:n], lens[n:]
 

@@ -261,7 +261,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_eps)
 
-    def forward(self, x, cos, sin, kv_cache=None, layer=0):
+    def forward(self, x, cos, sin, kv_cache=None, layer=0, attn_mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -271,8 +271,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_heads != self.n_kv_heads
-        if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if kv_cache is None:  # training: causal, or the packed-group mask the trainer builds
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=gqa)
         else:
             k, v = kv_cache.update(layer, k, v)
             # fold each group of query heads that share a kv head into the query length: attention then
@@ -303,8 +303,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, layer)
+    def forward(self, x, cos, sin, kv_cache=None, layer=0, attn_mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, layer, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -351,8 +351,12 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    def hidden(self, input_ids, kv_cache=None, positions=None):
-        """Final-norm hidden states [B, T, d]. With a cache, the new tokens attend to everything cached."""
+    def hidden(self, input_ids, kv_cache=None, positions=None, attn_mask=None):
+        """Final-norm hidden states [B, T, d]. With a cache, the new tokens attend to everything cached.
+
+        Without a cache attention is causal, or follows attn_mask [B, 1, T, T] (True = may attend) when given,
+        e.g. several completions packed after their shared prompt (train.py's collate).
+        """
         B, T = input_ids.shape
         if kv_cache is not None:
             cache_positions = kv_cache.begin(T)
@@ -362,10 +366,10 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions)
         x = self.embed_tokens(input_ids)
         for i, block in enumerate(self.layers):
-            if self.gradient_checkpointing and self.training and kv_cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            if self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, None, i, attn_mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, kv_cache, i)
+                x = block(x, cos, sin, kv_cache, i, attn_mask)
         if kv_cache is not None:
             kv_cache.end(T)
         return self.norm(x)
