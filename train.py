@@ -27,13 +27,13 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
 
-import kernels
 from nanorl import UserError, algos
 from nanorl import dist as D
 from nanorl.checkpoint import atomic_file, latest_state, load_state, save_state
 from nanorl.model import config_summary, load_model
+from nanorl.policy import Policy, autocast, collate, forward_all, token_matrix
+from nanorl.preference import train_preference
 from nanorl.sampler import generate
 from nanorl.tasks import make_task, score
 from nanorl.tokenizer import load_tokenizer
@@ -129,103 +129,6 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
     return args
-
-
-# -----------------------------------------------------------------------------
-# the policy as one module: DDP/FSDP wrap it, and everything trainable runs inside its forward
-
-
-class Policy(nn.Module):
-    """Transformer (+ PPO value head) -> per-token logp and entropy of the completion tokens."""
-
-    def __init__(self, model, value_head=None, impl="auto"):
-        super().__init__()
-        self.model, self.value_head, self.impl = model, value_head, impl
-
-    def forward(self, inp, temperature=1.0):
-        """inp: a dict from collate. Returns logp, entropy (and values) as [B, Tc], zero where mask is 0.
-
-        Only the valid completion positions reach the LM-head kernel (packed), so padding and prompt
-        tokens cost no vocabulary work.
-        """
-        h = self.model.hidden(inp["ids"], positions=inp["positions"], attn_mask=inp["attn_mask"])
-        h = h.flatten(0, 1)[inp["idx"]]  # [B, Tc, d]: the state whose output predicts each target
-        sel = inp["mask"] > 0
-        W = self.model.lm_head_weight
-        logp, ent = kernels.fused_logprobs(h[sel], W.to(h.dtype), inp["targets"][sel], temperature, impl=self.impl)
-        out_lp = h.new_zeros(sel.shape, dtype=torch.float32).masked_scatter(sel, logp)
-        out_ent = h.new_zeros(sel.shape, dtype=torch.float32).masked_scatter(sel, ent)
-        values = self.value_head(h.float()) if self.value_head is not None else None
-        return out_lp, out_ent, values
-
-
-def collate(prompts, completions, pad_id, device, group=1):
-    """Model inputs for rows of (prompt tokens, completion tokens).
-
-    Rows come in runs of `group` that share one prompt (a GRPO group). Each run becomes one packed row:
-    the prompt once, then each completion but its last token, every completion attending to the prompt
-    and causally to itself only (Prefix Grouper, 2506.05433). The shared prompt is computed once instead
-    of `group` times, with the same logprobs and gradients; group=1 is the plain causal layout.
-    Returns a dict: ids, positions [R, L]; attn_mask [R, 1, L, L] (None for group=1: causal); idx [B, Tc],
-    the flat index into the [R * L] hidden states of the state that predicts targets [B, Tc]; mask [B, Tc].
-    """
-    B, R = len(prompts), len(prompts) // group
-    lens = [len(prompts[r * group]) + sum(len(c) - 1 for c in completions[r * group:(r + 1) * group]) for r in range(R)]
-    L, Tc = max(lens), max(len(c) for c in completions)
-    ids = torch.full((R, L), pad_id, dtype=torch.long)
-    positions = torch.zeros(R, L, dtype=torch.long)
-    seg = torch.full((R, L), -2)  # -1: the shared prompt, i: completion i of the run, -2: padding
-    idx = torch.zeros(B, Tc, dtype=torch.long)
-    targets = torch.zeros(B, Tc, dtype=torch.long)
-    mask = torch.zeros(B, Tc)
-    for r in range(R):
-        p = prompts[r * group]
-        lp = len(p)
-        ids[r, :lp], positions[r, :lp], seg[r, :lp] = torch.tensor(p), torch.arange(lp), -1
-        off = lp
-        for i in range(group):
-            b, c = r * group + i, completions[r * group + i]
-            n = len(c) - 1
-            ids[r, off:off + n], positions[r, off:off + n], seg[r, off:off + n] = torch.tensor(c[:-1]), torch.arange(lp, lp + n), i
-            # c[0] is predicted by the prompt's last state, c[j] by the state of c[j - 1]
-            idx[b, 0], idx[b, 1:n + 1] = r * L + lp - 1, r * L + off + torch.arange(n)
-            targets[b, :n + 1], mask[b, :n + 1] = torch.tensor(c), 1
-            off += n
-    attn_mask = None
-    if group > 1:
-        k = torch.arange(L)
-        attn_mask = ((k[None, :] <= k[:, None])[None] & ((seg[:, None, :] == -1) | (seg[:, None, :] == seg[:, :, None])))[:, None]
-    out = dict(ids=ids, positions=positions, attn_mask=attn_mask, idx=idx, targets=targets, mask=mask)
-    return {key: v.to(device) if v is not None else None for key, v in out.items()}
-
-
-def autocast(device):
-    # fp32 master weights, bf16 matmuls on GPU; the CPU path stays in fp32 (exact, and what tests compare)
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-
-
-@torch.no_grad()
-def forward_all(policy, prompts, completions, pad_id, device, mb, temperature, group=1):
-    """No-grad logp, entropy and values of every row, micro-batch by micro-batch: [B, T] each (values None)."""
-    T = max(len(c) for c in completions)
-    outs = [torch.zeros(len(prompts), T, device=device) for _ in range(3)]
-    has_values = False
-    for s in range(0, len(prompts), mb):
-        with autocast(device):
-            res = policy(collate(prompts[s:s + mb], completions[s:s + mb], pad_id, device, group), temperature)
-        for o, r in zip(outs, res):
-            if r is not None:
-                o[s:s + mb, :r.shape[1]] = r
-        has_values = res[2] is not None
-    return outs[0], outs[1], outs[2] if has_values else None
-
-
-def token_matrix(rows, T, device):
-    """List of per-row float lists -> zero-padded [B, T] tensor."""
-    out = torch.zeros(len(rows), T)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r)
-    return out.to(device)
 
 
 # -----------------------------------------------------------------------------
@@ -490,90 +393,6 @@ def update(wrapped, policy, ref, batch, args, cfg, pad_id, device, ctl, tracker,
 
 
 # -----------------------------------------------------------------------------
-# offline preference optimisation (dpo, ipo): prompt / chosen / rejected pairs
-
-
-def read_pairs(path):
-    """Rows {prompt, chosen, rejected} of a jsonl file; one clear error naming the line otherwise."""
-    if not path or not os.path.isfile(path):
-        raise UserError(f"--data {path!r}: dpo/ipo need a jsonl file of {{prompt, chosen, rejected}} pairs")
-    rows = []
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise UserError(f"{path}:{i}: not a valid UTF-8 JSON line ({e}); fix or delete the line") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k] for k in
-                                                    ("prompt", "chosen", "rejected")):
-                raise UserError(f"{path}:{i}: needs non-empty string fields prompt, chosen, rejected")
-            rows.append(row)
-    if len(rows) < 2:
-        raise UserError(f"{path}: needs at least 2 pairs (one is held out for evaluation)")
-    return rows
-
-
-def train_preference(model, tok, args, cfg, device, log):
-    """DPO-family training: the reference is the initial policy; the last 10% of pairs (max 200) are held out.
-
-    Held-out accuracy is the fraction of pairs whose chosen answer the policy finds likelier per token
-    than the rejected one (length-normalised log-likelihood): defined before training too.
-    """
-    rows = read_pairs(args.data)
-    n_eval = min(200, max(1, len(rows) // 10))
-    train_rows, eval_rows = rows[:-n_eval], rows[-n_eval:]
-    ref = Policy(copy.deepcopy(model).requires_grad_(False), impl=args.kernel_impl)
-    policy = Policy(model, impl=args.kernel_impl)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    eos = tok.eos_ids[0]
-
-    def encode(rs):
-        ps = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=True) if args.chat
-              else tok.encode(r["prompt"]) for r in rs]
-        return ps + ps, [tok.encode(r[k]) + [eos] for k in ("chosen", "rejected") for r in rs]
-
-    def seq_logps(pol, rs):
-        prompts, comps = encode(rs)
-        inp = collate(prompts, comps, tok.pad_id, device)
-        with autocast(device):
-            logp = pol(inp)[0]
-        n, mask = len(rs), inp["mask"]
-        lens = mask.sum(-1)
-        return (logp * mask).sum(-1)[:n], (logp * mask).sum(-1)[n:], lens[:n], lens[n:]
-
-    @torch.no_grad()
-    def accuracy():
-        hits = 0
-        for s in range(0, len(eval_rows), args.micro_batch):
-            c, r, lc, lr = seq_logps(policy, eval_rows[s:s + args.micro_batch])
-            hits += int((c / lc > r / lr).sum())
-        return hits / len(eval_rows)
-
-    acc_before, t0 = accuracy(), time.time()
-    log(f"held-out preference accuracy before: {acc_before:.3f} ({len(train_rows)} train / {len(eval_rows)} eval pairs)")
-    model.train()
-    for step in range(args.steps):
-        rs = [train_rows[(step * args.prompts_per_step + i) % len(train_rows)] for i in range(args.prompts_per_step)]
-        for s in range(0, len(rs), args.micro_batch):
-            part = rs[s:s + args.micro_batch]
-            with torch.no_grad():
-                rc, rr, _, _ = seq_logps(ref, part)
-            pc, pr, lc, lr = seq_logps(policy, part)
-            loss, mets = algos.preference_loss(pc, pr, rc, rr, cfg, lc, lr, n_pairs=len(rs))
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _append_metrics(args.out, {"step": step + 1, "loss": float(loss.detach()), **{k: float(v) for k, v in mets.items()}})
-    model.eval()
-    return acc_before, accuracy(), args.steps, time.time() - t0
-
-
-# -----------------------------------------------------------------------------
 # small helpers: copies, state, metrics, plot
 
 
@@ -689,7 +508,7 @@ def main(argv=None):
     tok = load_tokenizer(args.model)
     if cfg.kind == "pref":
         model = load_model(args.model, device=device, seed=args.seed)
-        acc_before, acc_after, steps, secs = train_preference(model, tok, args, cfg, device, log)
+        acc_before, acc_after, steps, secs = train_preference(model, tok, args, cfg, device, log, _append_metrics)
         if D.is_main():
             model.save_pretrained(args.out, tokenizer=tok)
         _summary(args.out, acc_before=acc_before, acc_after=acc_after, steps=steps, seconds=round(secs, 1), algo=cfg.name)

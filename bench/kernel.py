@@ -320,8 +320,8 @@ def main():
         rows = bench_shape(args, shape, dev)
         all_rows += rows
         print(f"\n## {rows[0]['shape']} {args.dtype}" if rows else "")
-        print(f"| provider | mode | median ms (min-max) | eff. TFLOP/s | peak MiB | time/eager | mem/eager |")
-        print(f"|---|---|---|---|---|---|---|")
+        print("| provider | mode | median ms (min-max) | eff. TFLOP/s | peak MiB | time/eager | mem/eager |")
+        print("|---|---|---|---|---|---|---|")
         for r in sorted(rows, key=lambda r: (r["mode"], r["provider"])):
             print(f"| {r['provider']} | {r['mode']} | {r['ms']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f}) | "
                   f"{r['tflops']:.3f} | {r['peak_mib']:.0f} | {r['time_vs_eager']:.2f} | {r['mem_vs_eager']:.3f} |")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
 from conftest import ROOT
 from test_train import FAST, REWARD, metrics, run, weights

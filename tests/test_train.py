@@ -178,9 +178,10 @@ def test_packed_groups_equal_separate_rows(hf_ckpts):
     """Prefix Grouper layout: a group packed after one shared prompt gives the same logp, entropy and
     gradients as G separate prompt+completion rows."""
     from nanorl.model import load_model
+    from nanorl.policy import Policy, collate
 
     model = load_model(hf_ckpts["qwen2"])
-    policy = train.Policy(model)
+    policy = Policy(model)
     g = torch.Generator().manual_seed(0)
     prompts, comps = [], []
     for plen, lens in ((5, (3, 1, 6)), (9, (2, 4, 4))):  # two groups of 3, ragged completions
@@ -192,11 +193,11 @@ def test_packed_groups_equal_separate_rows(hf_ckpts):
     out = {}
     for group in (1, 3):
         model.zero_grad()
-        inp = train.collate(prompts, comps, 0, torch.device("cpu"), group)
+        inp = collate(prompts, comps, 0, torch.device("cpu"), group)
         logp, ent, _ = policy(inp)
         ((logp + 0.3 * ent) * w * inp["mask"]).sum().backward()
         out[group] = (logp, ent, {k: p.grad.clone() for k, p in model.named_parameters()})
     assert (out[1][0] - out[3][0]).abs().max() <= 1e-5 and (out[1][1] - out[3][1]).abs().max() <= 1e-5
     for k, grad in out[1][2].items():
         assert (grad - out[3][2][k]).abs().max() <= 1e-5 * max(1.0, grad.abs().max().item()), k
-    assert train.collate(prompts, comps, 0, torch.device("cpu"), 3)["ids"].shape == (2, 9 + 1 + 3 + 3)
+    assert collate(prompts, comps, 0, torch.device("cpu"), 3)["ids"].shape == (2, 9 + 1 + 3 + 3)

@@ -1,0 +1,96 @@
+"""Offline preference optimisation (--algo dpo | ipo): a jsonl of {prompt, chosen, rejected} pairs.
+
+The loss pieces (DPO 2305.18290, IPO 2310.12036, conservative/robust DPO, length-normalised and SimPO
+variants) are in nanorl/losses_offline.py; this file is the small loop around them: the reference is a
+frozen copy of the initial policy, the last 10% of the pairs (at most 200) are held out.
+"""
+
+import copy
+import json
+import os
+import time
+
+import torch
+
+from nanorl import UserError, algos
+from nanorl.policy import Policy, autocast, collate
+
+
+def read_pairs(path):
+    """Rows {prompt, chosen, rejected} of a jsonl file; one clear error naming the line otherwise."""
+    if not path or not os.path.isfile(path):
+        raise UserError(f"--data {path!r}: dpo/ipo need a jsonl file of {{prompt, chosen, rejected}} pairs")
+    rows = []
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise UserError(f"{path}:{i}: not a valid UTF-8 JSON line ({e}); fix or delete the line") from None
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k] for k in
+                                                    ("prompt", "chosen", "rejected")):
+                raise UserError(f"{path}:{i}: needs non-empty string fields prompt, chosen, rejected")
+            rows.append(row)
+    if len(rows) < 2:
+        raise UserError(f"{path}: needs at least 2 pairs (one is held out for evaluation)")
+    return rows
+
+
+def train_preference(model, tok, args, cfg, device, log, append_metrics):
+    """DPO-family training: the reference is the initial policy; the last 10% of pairs (max 200) are held out.
+
+    Held-out accuracy is the fraction of pairs whose chosen answer the policy finds likelier per token
+    than the rejected one (length-normalised log-likelihood): defined before training too.
+    """
+    rows = read_pairs(args.data)
+    n_eval = min(200, max(1, len(rows) // 10))
+    train_rows, eval_rows = rows[:-n_eval], rows[-n_eval:]
+    ref = Policy(copy.deepcopy(model).requires_grad_(False), impl=args.kernel_impl)
+    policy = Policy(model, impl=args.kernel_impl)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    eos = tok.eos_ids[0]
+
+    def encode(rs):
+        ps = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=True) if args.chat
+              else tok.encode(r["prompt"]) for r in rs]
+        return ps + ps, [tok.encode(r[k]) + [eos] for k in ("chosen", "rejected") for r in rs]
+
+    def seq_logps(pol, rs):
+        prompts, comps = encode(rs)
+        inp = collate(prompts, comps, tok.pad_id, device)
+        with autocast(device):
+            logp = pol(inp)[0]
+        n, mask = len(rs), inp["mask"]
+        lens = mask.sum(-1)
+        return (logp * mask).sum(-1)[:n], (logp * mask).sum(-1)[n:], lens[:n], lens[n:]
+
+    @torch.no_grad()
+    def accuracy():
+        hits = 0
+        for s in range(0, len(eval_rows), args.micro_batch):
+            c, r, lc, lr = seq_logps(policy, eval_rows[s:s + args.micro_batch])
+            hits += int((c / lc > r / lr).sum())
+        return hits / len(eval_rows)
+
+    acc_before, t0 = accuracy(), time.time()
+    log(f"held-out preference accuracy before: {acc_before:.3f} ({len(train_rows)} train / {len(eval_rows)} eval pairs)")
+    model.train()
+    for step in range(args.steps):
+        rs = [train_rows[(step * args.prompts_per_step + i) % len(train_rows)] for i in range(args.prompts_per_step)]
+        for s in range(0, len(rs), args.micro_batch):
+            part = rs[s:s + args.micro_batch]
+            with torch.no_grad():
+                rc, rr, _, _ = seq_logps(ref, part)
+            pc, pr, lc, lr = seq_logps(policy, part)
+            loss, mets = algos.preference_loss(pc, pr, rc, rr, cfg, lc, lr, n_pairs=len(rs))
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        append_metrics(args.out, {"step": step + 1, "loss": float(loss.detach()), **{k: float(v) for k, v in mets.items()}})
+    model.eval()
+    return acc_before, accuracy(), args.steps, time.time() - t0
