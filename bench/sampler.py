@@ -3,6 +3,7 @@
     python bench/sampler.py                       # CPU: SmolLM2-135M fp32, 8 prompts x 4 samples x 128 tokens
     python bench/sampler.py --device cuda --prompts 64 --samples 8 --max-new-tokens 512   # GPU, bf16
     python bench/sampler.py --device cuda --roofline                                      # + batch-1 bandwidth
+    python bench/sampler.py --sweep                # CPU: one decode step per batch size, model.linear vs F.linear
 
 Both sides sample at temperature 1 from the full vocabulary and stop at the tokenizer's end-of-turn ids.
 Throughput counts useful tokens: each completion's tokens up to and including its stop token. The
@@ -75,6 +76,39 @@ def roofline(model, tok, device, peak_gbs):
     print(f"batch-1 decode: {n / dt:.0f} tokens/s, {gbs:.0f} GB/s of weights = {100 * gbs / peak_gbs:.0f}% of {peak_gbs} GB/s")
 
 
+def sweep(model, device, sizes=range(1, 33), reps=3):
+    """Time one decode step (after a 40-token prefill) per batch size with model.linear and with plain
+    F.linear, interleaved; prints the min over reps of the mean of 8 steps: the before/after of the small-batch
+    GEMM layout in model.linear (bench/RESULTS.md)."""
+    import torch.nn.functional as F
+
+    import nanorl.model as M
+
+    ours = M.linear
+
+    def step_ms(B, fn):
+        M.linear = fn
+        cache = model.new_cache(B, 200)
+        model(torch.randint(0, 1000, (B, 40), device=device), kv_cache=cache)
+        tok = torch.randint(0, 1000, (B, 1), device=device)
+        for _ in range(2):
+            model(tok, kv_cache=cache)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(8):
+            model(tok, kv_cache=cache)
+        sync(device)
+        return (time.perf_counter() - t0) / 8 * 1e3
+
+    try:
+        with torch.inference_mode():
+            for B in sizes:
+                r = [step_ms(B, fn) for _ in range(reps) for fn in (F.linear, ours)]
+                print(f"batch {B}: F.linear {min(r[0::2]):.0f} ms, model.linear {min(r[1::2]):.0f} ms")
+    finally:
+        M.linear = ours
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="smollm2-135m")
@@ -85,6 +119,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--roofline", action="store_true")
     p.add_argument("--peak-gbs", type=float, default=3350.0)
+    p.add_argument("--sweep", action="store_true", help="only the per-batch-size decode-step timing")
     args = p.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -92,6 +127,8 @@ def main():
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tok = load_tokenizer(args.model)
     ours = load_model(args.model, dtype=dtype, device=device)
+    if args.sweep:
+        return sweep(ours, device)
     with tempfile.TemporaryDirectory() as d:
         ours.save_pretrained(d)
         hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()

@@ -142,6 +142,41 @@ TINY = dict(model_type="llama", hidden_size=128, n_layers=4, n_heads=4, n_kv_hea
 # the model
 
 
+def cpu_gemm_rows(rows):
+    """The row count `linear` pads a small CPU matmul to: MKL's sgemm is up to 1.7x slower per call when
+    the rows are off a multiple of 8 (of 4 below 8) on the CI machine, so padding with zero rows is free
+    time-wise. The sampler compacts its batch only when this number drops."""
+    mult = 4 if rows <= 4 else 8
+    return -(-rows // mult) * mult
+
+
+def linear(x, w, b=None):
+    """x @ w.T (+ b). On CPU with few rows (decode steps) it is computed as (w @ x.T).T instead.
+
+    Why: measured on the 2-core CI machine with MKL, a decode step of SmolLM2-135M is 1.1-1.7x faster
+    this way (bench/RESULTS.md, "Sampler"): sgemm is much faster for a few rows with the weight as the
+    first operand. Both copies below are [rows, features] and cheap, and each one matters: the
+    sgemm is slow again when xᵀ is contiguous, and SDPA and elementwise ops are slow on transposed inputs.
+    """
+    rows = x.numel() // x.shape[-1]
+    if x.device.type != "cpu" or rows > 128:
+        return F.linear(x, w, b)
+    xp = x.reshape(rows, x.shape[-1])
+    if cpu_gemm_rows(rows) > rows:
+        xp = torch.cat([xp, xp.new_zeros(cpu_gemm_rows(rows) - rows, xp.shape[1])])
+    y = torch.mm(w, xp.contiguous().t())[:, :rows].t().contiguous()
+    if b is not None:
+        y = y + b
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict names) through `linear` above."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -202,6 +237,7 @@ class KVCache:
         self.pos_t = torch.zeros((), dtype=torch.long, device=device)  # next free slot, on the device
         self.pos = 0  # the same number, mirrored on the host (it only ever advances by known amounts)
         self.max_len = max_len
+        self.group = cfg.n_heads // cfg.n_kv_heads  # query heads per kv head
         self.key_idx = torch.arange(max_len, device=device)
         self.slots = self.mask = None  # for the forward in progress, built once for all layers
         self.static = False  # attend over all max_len slots (CUDA graphs) instead of the written ones
@@ -212,7 +248,7 @@ class KVCache:
         return self.start.shape[0]
 
     def begin(self, T):
-        """Slots, RoPE positions [B, T] and the attention mask [B, 1, T, max_len] of T new tokens."""
+        """Slots, RoPE positions [B, T] and the attention mask [B, 1, group * T, L] of T new tokens."""
         if self.pos + T > self.max_len:
             raise UserError(f"KV cache overflow: {self.pos}+{T} tokens > its {self.max_len} slots; "
                             "lower max_new_tokens or the prompt length")
@@ -221,6 +257,8 @@ class KVCache:
         self.slots = self.pos_t + torch.arange(T, device=self.pos_t.device)
         causal = keys[None, None, :] <= self.slots[None, :, None]  # [1, T, L]
         self.mask = (causal & (keys[None, None, :] >= self.start[:, None, None]))[:, None]
+        if self.group > 1:  # one row per folded query (see Attention), built once for all layers
+            self.mask = self.mask.repeat(1, 1, self.group, 1)
         return (self.slots[None, :] - self.start[:, None]).clamp(min=0)
 
     def update(self, layer, k, v):
@@ -253,10 +291,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=cfg.attn_bias)
-        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
-        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.q_proj = Linear(d, cfg.n_heads * hd, bias=cfg.attn_bias)
+        self.k_proj = Linear(d, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
+        self.v_proj = Linear(d, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
+        self.o_proj = Linear(cfg.n_heads * hd, d, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_eps)
@@ -277,19 +315,17 @@ class Attention(nn.Module):
             k, v = kv_cache.update(layer, k, v)
             # fold each group of query heads that share a kv head into the query length: attention then
             # reads the cache as is, where enable_gqa would first copy k and v once per query head
-            G = self.n_heads // self.n_kv_heads
-            q = q.reshape(B, self.n_kv_heads, G * T, self.head_dim)
-            mask = kv_cache.mask if G == 1 else kv_cache.mask.repeat(1, 1, G, 1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, self.n_heads, T, self.head_dim)
+            q = q.reshape(B, self.n_kv_heads, -1, self.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask).view(B, self.n_heads, T, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -316,7 +352,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         if not cfg.tie_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
 
@@ -376,7 +412,7 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, kv_cache=None, positions=None):
         """Logits [B, T, V]."""
-        return F.linear(self.hidden(input_ids, kv_cache, positions), self.lm_head_weight)
+        return linear(self.hidden(input_ids, kv_cache, positions), self.lm_head_weight)
 
     def new_cache(self, batch_size, max_len, dtype=None):
         return KVCache(self.cfg, batch_size, max_len, self.device, dtype or self.dtype)

@@ -26,9 +26,9 @@ style) and stop checks happen every `sync_every` tokens, so there is no host syn
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from nanorl import UserError
+from nanorl.model import cpu_gemm_rows, linear
 
 
 @dataclass
@@ -156,7 +156,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
     cache = model.new_cache(P, S)
     cache.start.copy_((Lp - lens).to(device))
     h = model.hidden(ids.to(device), kv_cache=cache)[:, -1]
-    logits = F.linear(h, model.lm_head_weight)  # only the last position needs the LM head
+    logits = linear(h, model.lm_head_weight)  # only the last position needs the LM head
     stats["prefill_calls"] = stats.get("prefill_calls", 0) + 1
 
     # 2. fan out each prompt's cache to its n samples
@@ -193,7 +193,9 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
             n_done = int(done.sum())
             if n_done == len(done):
                 break
-            if n_done >= max(1, len(done) // 8):  # compaction: drop finished rows from the batch
+            B_now = len(done)
+            if n_done >= max(1, B_now // 8) and (device.type != "cpu" or cpu_gemm_rows(B_now - n_done) < cpu_gemm_rows(B_now)):
+                # compaction: drop finished rows from the batch (on CPU only when the matmuls get cheaper)
                 keep = (~done).nonzero()[:, 0]
                 cache.select(keep)
                 row_id, done, tok = row_id[keep], done[keep], tok[keep]
