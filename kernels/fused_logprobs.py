@@ -160,10 +160,17 @@ def _triton_importable():
 _CHUNK_ELEMS = {"cpu": 1 << 24, "cuda": 1 << 26}
 
 
-def _chunk_rows(N, V, device, chunk_rows):
+def _chunks(N, V, device, chunk_rows):
+    """Yield (i0, i1, a, b): row ranges of at most chunk_rows rows (default: a fixed element budget per
+    chunk) and two [i1 - i0, V] fp32 scratch views, the same two buffers for every chunk."""
     if chunk_rows is None:
         chunk_rows = _CHUNK_ELEMS.get(device.type, 1 << 24) // V
-    return max(1, min(int(chunk_rows), N))
+    c = max(1, min(int(chunk_rows), N))
+    buf = torch.empty(c, V, dtype=torch.float32, device=device)
+    buf2 = torch.empty(c, V, dtype=torch.float32, device=device)
+    for i0 in range(0, N, c):
+        i1 = min(i0 + c, N)
+        yield i0, i1, buf[:i1 - i0], buf2[:i1 - i0]
 
 
 def _f32(x):
@@ -182,14 +189,8 @@ def _torch_forward(hidden, weight, targets, inv_tau, with_entropy, chunk_rows):
     # bf16/fp16: upcast so logits are never rounded to 16 bits before the lse/gather
     # (CPU has no bf16 x bf16 -> fp32 GEMM); O(V d) fp32, still far below O(N V)
     Wt = _f32(weight).t()
-    c = _chunk_rows(N, V, dev, chunk_rows)
-    buf = torch.empty(c, V, dtype=torch.float32, device=dev)
-    buf2 = torch.empty(c, V, dtype=torch.float32, device=dev)
     y = targets.long()
-    for i0 in range(0, N, c):
-        i1 = min(i0 + c, N)
-        n = i1 - i0
-        z, q = buf[:n], buf2[:n]
+    for i0, i1, z, q in _chunks(N, V, dev, chunk_rows):
         h = _f32(hidden[i0:i1])
         if inv_tau != 1.0:
             h = h * inv_tau  # scale the [n, d] operand, not the [n, V] product
@@ -204,7 +205,7 @@ def _torch_forward(hidden, weight, targets, inv_tau, with_entropy, chunk_rows):
         logp[i0:i1] = zy - log_s
         if with_entropy:
             # H = lse - sum p z = log s - sum q (z - m) / s   (shifted: no cancellation at |z| ~ 1e4)
-            t = torch.bmm(q.unsqueeze(1), z.unsqueeze(2)).view(n)
+            t = torch.bmm(q.unsqueeze(1), z.unsqueeze(2)).view(i1 - i0)
             ent[i0:i1] = log_s - t / s
     return logp, ent, lse
 
@@ -216,18 +217,12 @@ def _torch_backward(hidden, weight, targets, lse, ent, g, e, inv_tau, need_dh, n
     W32 = _f32(weight)
     dh = torch.empty(N, hidden.shape[1], dtype=torch.float32, device=dev) if need_dh else None
     dW = torch.zeros(V, weight.shape[1], dtype=torch.float32, device=dev) if need_dw else None
-    c = _chunk_rows(N, V, dev, chunk_rows)
-    buf = torch.empty(c, V, dtype=torch.float32, device=dev)
-    buf2 = torch.empty(c, V, dtype=torch.float32, device=dev)
     # fold 1/tau (dz/dx) and the minus sign into the per-token coefficients: O(N), not O(N V)
     ng = g.float() * -inv_tau if g is not None else None
     ne = e.float() * -inv_tau if e is not None else None
     mean_z = lse - ent if e is not None else None  # sum_j p_j z_j = lse - H
     y = targets.long()
-    for i0 in range(0, N, c):
-        i1 = min(i0 + c, N)
-        n = i1 - i0
-        G, p = buf[:n], buf2[:n]
+    for i0, i1, G, p in _chunks(N, V, dev, chunk_rows):
         h = _f32(hidden[i0:i1])
         hz = h * inv_tau if inv_tau != 1.0 else h
         torch.mm(hz, W32.t(), out=G)               # recompute z
