@@ -162,9 +162,12 @@ def linear(x, w, b=None):
     if x.device.type != "cpu" or rows > 128:
         return F.linear(x, w, b)
     xp = x.reshape(rows, x.shape[-1])
-    if cpu_gemm_rows(rows) > rows:
-        xp = torch.cat([xp, xp.new_zeros(cpu_gemm_rows(rows) - rows, xp.shape[1])])
-    y = torch.mm(w, xp.contiguous().t())[:, :rows].t().contiguous()
+    padded = cpu_gemm_rows(rows)
+    if padded > rows:
+        y = torch.mm(w, torch.cat([xp, xp.new_zeros(padded - rows, xp.shape[1])]).t())[:, :rows]
+    else:
+        y = torch.mm(w, xp.contiguous().t())
+    y = y.t().contiguous()
     if b is not None:
         y = y + b
     return y.view(*x.shape[:-1], w.shape[0])
