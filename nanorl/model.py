@@ -143,9 +143,9 @@ TINY = dict(model_type="llama", hidden_size=128, n_layers=4, n_heads=4, n_kv_hea
 
 
 def cpu_gemm_rows(rows):
-    """The row count `linear` pads a small CPU matmul to: MKL's sgemm is up to 1.7x slower per call when
-    the rows are off a multiple of 8 (of 4 below 8) on the CI machine, so padding with zero rows is free
-    time-wise. The sampler compacts its batch only when this number drops."""
+    """The row count `linear` pads a small CPU matmul to: in its (W x^T) form MKL's sgemm made a decode step
+    up to 1.7x slower when the rows were off a multiple of 8 (of 4 below 8) on the CI machine, so padding
+    with zero rows costs nothing. The sampler compacts its batch only when this number drops."""
     mult = 4 if rows <= 4 else 8
     return -(-rows // mult) * mult
 
@@ -153,8 +153,8 @@ def cpu_gemm_rows(rows):
 def linear(x, w, b=None):
     """x @ w.T (+ b). On CPU with few rows (decode steps) it is computed as (w @ x.T).T instead.
 
-    Why: measured on the 2-core CI machine with MKL, a decode step of SmolLM2-135M is 1.1-1.7x faster
-    this way (bench/RESULTS.md, "Sampler"): sgemm is much faster for a few rows with the weight as the
+    Why: measured on the 2-core CI machine with MKL, a decode step of SmolLM2-135M is 1.0-2.0x faster
+    this way, depending on the batch size (`python bench/sampler.py --sweep`, bench/RESULTS.md): sgemm is much faster for a few rows with the weight as the
     first operand. Both copies below are [rows, features] and cheap, and each one matters: the
     sgemm is slow again when xᵀ is contiguous, and SDPA and elementwise ops are slow on transposed inputs.
     """
