@@ -77,34 +77,39 @@ def roofline(model, tok, device, peak_gbs):
 
 
 def sweep(model, device, sizes=range(1, 33), reps=3):
-    """Time one decode step (after a 40-token prefill) per batch size with model.linear and with plain
-    F.linear, interleaved; prints the min over reps of the mean of 8 steps: the before/after of the small-batch
-    GEMM layout in model.linear (bench/RESULTS.md)."""
+    """Time one decode step (after a 150-token prefill) per batch size with plain F.linear, with model.linear's
+    (W x^T)^T layout, and with model.linear on oneDNN-packed weights (what generate uses above 4 rows),
+    interleaved; prints the min over reps of the mean of 8 steps: the before/after of both (bench/RESULTS.md)."""
     import torch.nn.functional as F
 
     import nanorl.model as M
 
     ours = M.linear
+    variants = {"F.linear": (F.linear, ()), "(W x^T)^T": (ours, ()), "packed": (ours, model.matmul_weights())}
 
-    def step_ms(B, fn):
+    def step_ms(B, fn, weights):
         M.linear = fn
-        cache = model.new_cache(B, 200)
-        model(torch.randint(0, 1000, (B, 40), device=device), kv_cache=cache)
-        tok = torch.randint(0, 1000, (B, 1), device=device)
-        for _ in range(2):
-            model(tok, kv_cache=cache)
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(8):
-            model(tok, kv_cache=cache)
-        sync(device)
+        with M.packed_cpu_weights(weights):
+            cache = model.new_cache(B, 200)
+            model(torch.randint(0, 1000, (B, 150), device=device), kv_cache=cache)
+            tok = torch.randint(0, 1000, (B, 1), device=device)
+            for _ in range(2):
+                model(tok, kv_cache=cache)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(8):
+                model(tok, kv_cache=cache)
+            sync(device)
         return (time.perf_counter() - t0) / 8 * 1e3
 
     try:
         with torch.inference_mode():
             for B in sizes:
-                r = [step_ms(B, fn) for _ in range(reps) for fn in (F.linear, ours)]
-                print(f"batch {B}: F.linear {min(r[0::2]):.0f} ms, model.linear {min(r[1::2]):.0f} ms")
+                r = {k: [] for k in variants}
+                for _ in range(reps):
+                    for k, v in variants.items():
+                        r[k].append(step_ms(B, *v))
+                print(f"batch {B}: " + ", ".join(f"{k} {min(ms):.0f} ms" for k, ms in r.items()), flush=True)
     finally:
         M.linear = ours
 

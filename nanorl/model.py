@@ -16,6 +16,7 @@ The KV cache (`KVCache`) is preallocated; rows may start at different offsets (l
 prompts), which the cache tracks so that padding never changes a row's result.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -142,26 +143,62 @@ TINY = dict(model_type="llama", hidden_size=128, n_layers=4, n_heads=4, n_kv_hea
 # the model
 
 
+_PACKED = {}  # id(weight) -> the weight in oneDNN's blocked layout, while `packed_cpu_weights` is active
+
+
+@contextlib.contextmanager
+def packed_cpu_weights(weights):
+    """Inside this block, CPU matmuls of 5..128 rows with these fp32 weights run through oneDNN on copies of
+    the weights reordered once into its blocked layout (what inductor does for CPU linears).
+
+    Why: decode steps are skinny matmuls, where MKL's sgemm is far from the CPU's GEMM rate. Measured on the
+    2-core CI machine (`python bench/sampler.py --sweep`, bench/RESULTS.md), a SmolLM2-135M decode step
+    at batch 6 / 12 / 20 / 24 went from 71 / 87 / 117 / 119 ms to 63 / 75 / 93 / 104 ms (1..4 rows: no gain,
+    so those stay on the path below), and the LM head alone at batch 16 from 13 to 9 ms. The reorder costs
+    ~0.3 s and one copy of the weights for the duration of the block, so the sampler uses it around a whole
+    `generate` (the weights must not change inside the block).
+    """
+    saved = dict(_PACKED)
+    try:
+        for w in weights:
+            if w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+                _PACKED[id(w)] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+        yield
+    finally:
+        _PACKED.clear()
+        _PACKED.update(saved)
+
+
 def cpu_gemm_rows(rows):
-    """The row count `linear` pads a small CPU matmul to: in its (W x^T) form MKL's sgemm made a decode step
-    up to 1.7x slower when the rows were off a multiple of 8 (of 4 below 8) on the CI machine, so padding
-    with zero rows costs nothing. The sampler compacts its batch only when this number drops."""
+    """The row count `linear` computes a small CPU matmul of `rows` rows at. In the (W x^T) form below,
+    MKL's sgemm made a decode step up to 1.7x slower when the rows were off a multiple of 8 (of 4 below 8)
+    on the CI machine, so padding with zero rows costs nothing; the packed oneDNN path (above 4 rows)
+    needs no padding. The sampler compacts its batch only when this number drops."""
+    if rows > 4 and _PACKED:
+        return rows
     mult = 4 if rows <= 4 else 8
     return -(-rows // mult) * mult
 
 
 def linear(x, w, b=None):
-    """x @ w.T (+ b). On CPU with few rows (decode steps) it is computed as (w @ x.T).T instead.
+    """x @ w.T (+ b). On CPU with few rows (decode steps): through oneDNN on the packed weight when
+    `packed_cpu_weights` has one and there are more than 4 rows, else as (w @ x.T).T.
 
-    Why: measured on the 2-core CI machine with MKL, a decode step of SmolLM2-135M is 1.0-2.0x faster
-    this way, depending on the batch size (`python bench/sampler.py --sweep`, bench/RESULTS.md): sgemm is much faster for a few rows with the weight as the
-    first operand. Both copies below are [rows, features] and cheap, and each one matters: the
-    sgemm is slow again when xᵀ is contiguous, and SDPA and elementwise ops are slow on transposed inputs.
+    Why (w @ x.T).T: measured on the 2-core CI machine with MKL, a decode step of SmolLM2-135M is 1.0-2.0x
+    faster this way than with F.linear, depending on the batch size (`python bench/sampler.py --sweep`,
+    bench/RESULTS.md): sgemm is much faster for a few rows with the weight as the first operand, and at
+    1..4 rows faster than the packed path too. Both copies below are [rows, features] and cheap, and each
+    one matters: the sgemm is slow again when xᵀ is contiguous, and SDPA and elementwise ops are slow on
+    transposed inputs.
     """
     rows = x.numel() // x.shape[-1]
     if x.device.type != "cpu" or rows > 128:
         return F.linear(x, w, b)
     xp = x.reshape(rows, x.shape[-1])
+    packed = _PACKED.get(id(w)) if rows > 4 else None
+    if packed is not None:
+        y = torch.ops.mkldnn._linear_pointwise(xp.contiguous(), packed, b, "none", [], "")
+        return y.view(*x.shape[:-1], w.shape[0])
     padded = cpu_gemm_rows(rows)
     if padded > rows:
         y = torch.mm(w, torch.cat([xp, xp.new_zeros(padded - rows, xp.shape[1])]).t())[:, :rows]
@@ -214,9 +251,9 @@ def rope_inv_freq(cfg: ModelConfig):
 
 
 def apply_rope(x, cos, sin):
-    # the "rotate half" layout of HF checkpoints: dims [0, hd/2) pair with [hd/2, hd)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    # the "rotate half" layout of HF checkpoints: dims [0, hd/2) pair with [hd/2, hd), i.e.
+    # x * cos + cat(-x2, x1) * sin; the sign lives in `sin` (Transformer.rope), so the rotation is one roll
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 class KVCache:
@@ -259,7 +296,10 @@ class KVCache:
         keys = self.key_idx[:self.L]
         self.slots = self.pos_t + torch.arange(T, device=self.pos_t.device)
         causal = keys[None, None, :] <= self.slots[None, :, None]  # [1, T, L]
-        self.mask = (causal & (keys[None, None, :] >= self.start[:, None, None]))[:, None]
+        allowed = (causal & (keys[None, None, :] >= self.start[:, None, None]))[:, None]
+        # additive (0 / -inf) in the cache's dtype: SDPA would convert a boolean mask in every layer
+        self.mask = torch.zeros(allowed.shape, dtype=self.k[0].dtype, device=allowed.device)
+        self.mask.masked_fill_(~allowed, float("-inf"))
         if self.group > 1:  # one row per folded query (see Attention), built once for all layers
             self.mask = self.mask.repeat(1, 1, self.group, 1)
         return (self.slots[None, :] - self.start[:, None]).clamp(min=0)
@@ -274,8 +314,25 @@ class KVCache:
         self.pos += T
         self.slots = self.mask = None
 
+    def drop(self, done):
+        """Remove the rows where `done` [B] is True (compaction). The last live rows move into the first
+        dead places, so only the rows that move are copied, not the whole cache, and a live row 0 stays
+        first. Returns `keep` [B_new]: each new row's old index."""
+        live = (~done).nonzero()[:, 0]
+        n = len(live)
+        keep = torch.arange(n, device=done.device)
+        holes, movers = done[:n].nonzero()[:, 0], live[live >= n]
+        keep[holes] = movers
+        for cache in (self.k, self.v):
+            for i, old in enumerate(cache):
+                if len(holes):
+                    old[holes, :, :self.pos] = old[movers, :, :self.pos]
+                cache[i] = old[:n]  # a view: the batch is the outermost dimension
+        self.start = self.start[keep]
+        return keep
+
     def select(self, rows):
-        """Keep only `rows` (a LongTensor of indices, repeats allowed): compaction and fan-out.
+        """Keep only `rows` (a LongTensor of indices, repeats allowed): the fan-out to n samples.
 
         Only the written part is copied; the rest of the new cache is zeros (never NaN: masked
         attention weights are 0, and 0 * NaN would still be NaN).
@@ -388,7 +445,9 @@ class Transformer(nn.Module):
     def rope(self, positions):
         freqs = positions[..., None].float() * self.inv_freq  # [B, T, hd/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, hd]
-        return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+        sin = emb.sin()
+        sin[..., :freqs.shape[-1]] *= -1  # apply_rope's sign: the first half pairs with -x2
+        return emb.cos().to(self.dtype), sin.to(self.dtype)
 
     def hidden(self, input_ids, kv_cache=None, positions=None, attn_mask=None):
         """Final-norm hidden states [B, T, d]. With a cache, the new tokens attend to everything cached.
@@ -416,6 +475,11 @@ class Transformer(nn.Module):
     def forward(self, input_ids, kv_cache=None, positions=None):
         """Logits [B, T, V]."""
         return linear(self.hidden(input_ids, kv_cache, positions), self.lm_head_weight)
+
+    def matmul_weights(self):
+        """The weights of every projection and of the LM head, each once."""
+        ws = {id(m.weight): m.weight for m in self.modules() if isinstance(m, nn.Linear)}
+        return list(ws.values()) + ([self.lm_head_weight] if id(self.lm_head_weight) not in ws else [])
 
     def new_cache(self, batch_size, max_len, dtype=None):
         return KVCache(self.cfg, batch_size, max_len, self.device, dtype or self.dtype)

@@ -6,14 +6,37 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import HF_VARIANTS, make_hf_model
 
 from nanorl import UserError
-from nanorl.model import load_model
+import nanorl.model as M
+from nanorl.model import cpu_gemm_rows, linear, load_model, packed_cpu_weights
 
 
 def _ids(B=2, T=19, V=97, seed=1):
     return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_f_linear_on_every_path(bias):
+    # model.linear's CPU paths (padded (W x^T)^T, packed oneDNN, F.linear above 128 rows) against F.linear
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 80, generator=g), (torch.randn(96, generator=g) if bias else None)
+    other = torch.randn(8, 80, generator=g)
+
+    def check():
+        for rows in (1, 3, 5, 13, 20, 130):
+            x = torch.randn(2, rows, 80, generator=g)
+            torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    check()
+    assert not M._PACKED and cpu_gemm_rows(13) == 16
+    with packed_cpu_weights([other]):
+        with packed_cpu_weights([w]):  # nested: the inner block adds w, leaving it restores the outer state
+            assert id(w) in M._PACKED and cpu_gemm_rows(13) == 13 and cpu_gemm_rows(3) == 4
+            check()
+        assert id(other) in M._PACKED and id(w) not in M._PACKED
+    assert not M._PACKED
 
 
 @pytest.mark.parametrize("variant", list(HF_VARIANTS))
