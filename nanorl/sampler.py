@@ -98,7 +98,7 @@ def inverse_cdf(p, u, block=1024):
     inside the one block the draw falls in. side="right" never lands on a zero-probability (truncated) token.
     """
     B, V = p.shape
-    pb = F.pad(p, (0, -V % block)).view(B, -1, block)
+    pb = (F.pad(p, (0, -V % block)) if V % block else p).view(B, -1, block)
     cum_blocks = pb.sum(-1, dtype=torch.float64).cumsum(-1)  # [B, V / block]
     target = u.double() * cum_blocks[:, -1]
     j = torch.searchsorted(cum_blocks, target[:, None], right=True)[:, 0].clamp(max=cum_blocks.shape[1] - 1)
