@@ -160,9 +160,13 @@ def packed_cpu_weights(weights):
     """
     saved = dict(_PACKED)
     try:
-        for w in weights:
-            if w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
-                _PACKED[id(w)] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+        try:
+            for w in weights:
+                if w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+                    _PACKED[id(w)] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+        except (RuntimeError, AttributeError):  # a CPU or build without this oneDNN op: the plain path
+            _PACKED.clear()
+            _PACKED.update(saved)
         yield
     finally:
         _PACKED.clear()

@@ -39,6 +39,16 @@ def test_linear_equals_f_linear_on_every_path(bias):
     assert not M._PACKED
 
 
+def test_packing_falls_back_where_onednn_cannot(monkeypatch):
+    def unsupported(*a):
+        raise RuntimeError("no oneDNN here")
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", unsupported)
+    w, x = torch.randn(96, 80), torch.randn(13, 80)
+    with packed_cpu_weights([w]):
+        assert not M._PACKED
+        torch.testing.assert_close(linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("variant", list(HF_VARIANTS))
 def test_logits_match_transformers(hf_ckpts, variant):
     ours = load_model(hf_ckpts[variant])
