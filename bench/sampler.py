@@ -3,7 +3,7 @@
     python bench/sampler.py                       # CPU: SmolLM2-135M fp32, 8 prompts x 4 samples x 128 tokens
     python bench/sampler.py --device cuda --prompts 64 --samples 8 --max-new-tokens 512   # GPU, bf16
     python bench/sampler.py --device cuda --roofline                                      # + batch-1 bandwidth
-    python bench/sampler.py --sweep                # CPU: one decode step per batch size, model.linear vs F.linear
+    python bench/sampler.py --sweep                # CPU: one decode step per batch size, F.linear vs nanorl.linear
 
 Both sides sample at temperature 1 from the full vocabulary and stop at the tokenizer's end-of-turn ids.
 Throughput counts useful tokens: each completion's tokens up to and including its stop token. The
@@ -77,19 +77,24 @@ def roofline(model, tok, device, peak_gbs):
 
 
 def sweep(model, device, sizes=range(1, 33), reps=3):
-    """Time one decode step (after a 150-token prefill) per batch size with plain F.linear, with model.linear's
-    (W x^T)^T layout, and with model.linear on oneDNN-packed weights (what generate uses above 4 rows),
+    """Time one decode step (after a 150-token prefill) per batch size with plain F.linear, with nanorl.linear's
+    (W x^T)^T layout, and with nanorl.linear on oneDNN-packed weights (what generate uses above 4 rows),
     interleaved; prints the min over reps of the mean of 8 steps: the before/after of both (bench/RESULTS.md)."""
     import torch.nn.functional as F
 
+    import nanorl.linear as L
     import nanorl.model as M
 
-    ours = M.linear
+    ours = L.linear
+
+    def use(fn):  # Linear layers call nanorl.linear's name, the LM head nanorl.model's
+        L.linear = M.linear = fn
+
     variants = {"F.linear": (F.linear, ()), "(W x^T)^T": (ours, ()), "packed": (ours, model.matmul_weights())}
 
     def step_ms(B, fn, weights):
-        M.linear = fn
-        with M.packed_cpu_weights(weights):
+        use(fn)
+        with L.packed_cpu_weights(weights):
             cache = model.new_cache(B, 200)
             model(torch.randint(0, 1000, (B, 150), device=device), kv_cache=cache)
             tok = torch.randint(0, 1000, (B, 1), device=device)
@@ -111,7 +116,7 @@ def sweep(model, device, sizes=range(1, 33), reps=3):
                         r[k].append(step_ms(B, *v))
                 print(f"batch {B}: " + ", ".join(f"{k} {min(ms):.0f} ms" for k, ms in r.items()), flush=True)
     finally:
-        M.linear = ours
+        use(ours)
 
 
 def main():

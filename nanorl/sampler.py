@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from nanorl import UserError
-from nanorl.model import cpu_gemm_rows, linear, packed_cpu_weights
+from nanorl.linear import cpu_gemm_rows, linear, packed_cpu_weights
 
 
 @dataclass
@@ -168,7 +168,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
     sync_every = sync_every if device.type == "cuda" else 1
     stats = stats if stats is not None else {}
 
-    # skinny CPU matmuls through oneDNN on packed weights (model.packed_cpu_weights): worth its ~0.3 s
+    # skinny CPU matmuls through oneDNN on packed weights (linear.packed_cpu_weights): worth its ~0.3 s
     # reorder of SmolLM2-135M only for a batch above 4 rows and enough tokens
     pack = device.type == "cpu" and B > 4 and max_new_tokens >= 16
     with packed_cpu_weights(model.matmul_weights() if pack else ()):
@@ -216,11 +216,11 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
                 n_done = int(done.sum())
                 if n_done == len(done):
                     break
-                B_now = len(done)
                 # compaction: drop finished rows from the batch; on CPU as soon as the matmuls get cheaper,
-                # on GPU once an eighth of the rows are done (each batch size captures its own graph)
-                if n_done >= (1 if device.type == "cpu" else max(1, B_now // 8)) and \
-                        (device.type != "cpu" or cpu_gemm_rows(B_now - n_done) < cpu_gemm_rows(B_now)):
+                # elsewhere once an eighth of the rows are done (on GPU each batch size captures its own graph)
+                B_now = len(done)
+                if (cpu_gemm_rows(B_now - n_done) < cpu_gemm_rows(B_now) if device.type == "cpu"
+                        else n_done >= max(1, B_now // 8)):
                     keep = cache.drop(done)
                     row_id, done, tok = row_id[keep], done[keep], tok[keep]
                     graphs = {}  # captured graphs point at the old cache tensors

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from conftest import HF_VARIANTS, make_hf_model
 
 from nanorl import UserError
-import nanorl.model as M
-from nanorl.model import cpu_gemm_rows, linear, load_model, packed_cpu_weights
+import nanorl.linear as L
+from nanorl.linear import cpu_gemm_rows, linear, packed_cpu_weights
+from nanorl.model import load_model
 
 
 def _ids(B=2, T=19, V=97, seed=1):
@@ -20,7 +21,7 @@ def _ids(B=2, T=19, V=97, seed=1):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_equals_f_linear_on_every_path(bias):
-    # model.linear's CPU paths (padded (W x^T)^T, packed oneDNN, F.linear above 128 rows) against F.linear
+    # nanorl.linear.linear's CPU paths (padded (W x^T)^T, packed oneDNN, F.linear above 128 rows) against F.linear
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(96, 80, generator=g), (torch.randn(96, generator=g) if bias else None)
     other = torch.randn(8, 80, generator=g)
@@ -30,13 +31,13 @@ def test_linear_equals_f_linear_on_every_path(bias):
             x = torch.randn(2, rows, 80, generator=g)
             torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
     check()
-    assert not M._PACKED and cpu_gemm_rows(13) == 16
+    assert not L._PACKED and cpu_gemm_rows(13) == 16
     with packed_cpu_weights([other]):
         with packed_cpu_weights([w]):  # nested: the inner block adds w, leaving it restores the outer state
-            assert id(w) in M._PACKED and cpu_gemm_rows(13) == 13 and cpu_gemm_rows(3) == 4
+            assert id(w) in L._PACKED and cpu_gemm_rows(13) == 13 and cpu_gemm_rows(3) == 4
             check()
-        assert id(other) in M._PACKED and id(w) not in M._PACKED
-    assert not M._PACKED
+        assert id(other) in L._PACKED and id(w) not in L._PACKED
+    assert not L._PACKED
 
 
 def test_packing_falls_back_where_onednn_cannot(monkeypatch):
@@ -45,7 +46,7 @@ def test_packing_falls_back_where_onednn_cannot(monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", unsupported)
     w, x = torch.randn(96, 80), torch.randn(13, 80)
     with packed_cpu_weights([w]):
-        assert not M._PACKED
+        assert not L._PACKED
         torch.testing.assert_close(linear(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
 
 
