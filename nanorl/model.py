@@ -286,7 +286,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_eps)
             self.k_norm = RMSNorm(hd, cfg.rms_eps)
 
-    def forward(self, x, cos, sin, kv_cache=None, layer=0, attn_mask=None):
+    def forward(self, x, cos, sin, kv_cache=None, layer=0, groups=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -296,8 +296,10 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_heads != self.n_kv_heads
-        if kv_cache is None:  # training: causal, or the packed-group mask the trainer builds
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=gqa)
+        if groups is not None:  # training on packed GRPO groups (policy.PrefixGroups)
+            y = groups.attend(q, k, v)
+        elif kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             k, v = kv_cache.update(layer, k, v)
             # fold each group of query heads that share a kv head into the query length: attention then
@@ -326,8 +328,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache=None, layer=0, attn_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, layer, attn_mask)
+    def forward(self, x, cos, sin, kv_cache=None, layer=0, groups=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, layer, groups)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -376,11 +378,11 @@ class Transformer(nn.Module):
         sin[..., :freqs.shape[-1]] *= -1  # apply_rope's sign: the first half pairs with -x2
         return emb.cos().to(self.dtype), sin.to(self.dtype)
 
-    def hidden(self, input_ids, kv_cache=None, positions=None, attn_mask=None):
+    def hidden(self, input_ids, kv_cache=None, positions=None, groups=None):
         """Final-norm hidden states [B, T, d]. With a cache, the new tokens attend to everything cached.
 
-        Without a cache attention is causal, or follows attn_mask [B, 1, T, T] (True = may attend) when given,
-        e.g. several completions packed after their shared prompt (train.py's collate).
+        Without a cache attention is causal, or follows `groups` when given: several completions packed
+        after their shared prompt (a policy.PrefixGroups from collate).
         """
         B, T = input_ids.shape
         if kv_cache is not None:
@@ -392,9 +394,9 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         for i, block in enumerate(self.layers):
             if self.gradient_checkpointing and torch.is_grad_enabled() and kv_cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, None, i, attn_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, None, i, groups, use_reentrant=False)
             else:
-                x = block(x, cos, sin, kv_cache, i, attn_mask)
+                x = block(x, cos, sin, kv_cache, i, groups)
         if kv_cache is not None:
             kv_cache.end(T)
         return self.norm(x)

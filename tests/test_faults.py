@@ -39,7 +39,9 @@ def test_kill_9_at_random_moments_then_resume_equals_straight_run(tmp_path):
     and the finished run equals one that was never killed."""
     args = [*FAST, "--steps", "6", "--save-every", "1"]
     straight = str(tmp_path / "straight")
-    assert train.main(args + ["--out", straight]) == 0
+    # the same thread count as the killed runs: CPU attention rounds differently with another one
+    first = popen(*args, "--out", straight)
+    assert first.communicate(timeout=300) and first.returncode == 0
     out = str(tmp_path / "killed")
     rng = random.Random(0)
     kills = 0

@@ -174,9 +174,11 @@ def test_embedded_default_learns(tmp_path):
     assert summary["acc_after"] - summary["acc_before"] >= 0.20, summary
 
 
-def test_packed_groups_equal_separate_rows(hf_ckpts):
+@pytest.mark.parametrize("comp_lens", [((3, 1, 6), (2, 4, 4)), ((1, 1, 1), (1, 1, 1))], ids=["ragged", "one-token"])
+def test_packed_groups_equal_separate_rows(hf_ckpts, comp_lens):
     """Prefix Grouper layout: a group packed after one shared prompt gives the same logp, entropy and
-    gradients as G separate prompt+completion rows."""
+    gradients as G separate prompt+completion rows (ragged completions and prompts of two lengths; and
+    completions of one token each, which are no attention inputs at all)."""
     from nanorl.model import load_model
     from nanorl.policy import Policy, collate
 
@@ -184,7 +186,7 @@ def test_packed_groups_equal_separate_rows(hf_ckpts):
     policy = Policy(model)
     g = torch.Generator().manual_seed(0)
     prompts, comps = [], []
-    for plen, lens in ((5, (3, 1, 6)), (9, (2, 4, 4))):  # two groups of 3, ragged completions
+    for plen, lens in zip((5, 9), comp_lens):  # two groups of 3
         p = torch.randint(0, 97, (plen,), generator=g).tolist()
         for n in lens:
             prompts.append(p)
@@ -200,4 +202,5 @@ def test_packed_groups_equal_separate_rows(hf_ckpts):
     assert (out[1][0] - out[3][0]).abs().max() <= 1e-5 and (out[1][1] - out[3][1]).abs().max() <= 1e-5
     for k, grad in out[1][2].items():
         assert (grad - out[3][2][k]).abs().max() <= 1e-5 * max(1.0, grad.abs().max().item()), k
-    assert collate(prompts, comps, 0, torch.device("cpu"), 3)["ids"].shape == (2, 9 + 1 + 3 + 3)
+    if comp_lens[0][0] == 3:
+        assert collate(prompts, comps, 0, torch.device("cpu"), 3)["ids"].shape == (2, 9 + 1 + 3 + 3)
