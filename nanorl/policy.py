@@ -66,19 +66,23 @@ class PrefixGroups:
         keys = torch.arange(self.Lp + self.Tc, device=comp_len.device)
         in_prompt = keys[None, None, :] < prompt_len.repeat_interleave(G)[:, None, None]  # [R * G, 1, Lp + Tc]
         causal = (keys[None, :] - self.Lp <= j[:, None]) & (keys[None, :] >= self.Lp)  # [Tc, Lp + Tc]
-        allowed = torch.where(keys < self.Lp, in_prompt, causal[None])[:, None]  # [R * G, 1, Tc, Lp + Tc]
-        # additive (0 / -inf), built once for all layers; its rows padded to a multiple of 16 keys, the stride
-        # CUDA's memory-efficient kernel needs for a mask (it would copy an unaligned one in every layer)
-        K = keys.shape[0]
-        mask = torch.zeros(allowed.shape[:-1] + (-(-K // 16) * 16,), device=allowed.device)[..., :K]
-        self.mask = mask.masked_fill_(~allowed, float("-inf"))
-        self.G = G
+        self.allowed = torch.where(keys < self.Lp, in_prompt, causal[None])[:, None]  # [R * G, 1, Tc, Lp + Tc]
+        self.mask, self.G = None, G
 
     def to(self, device):
         for k, v in vars(self).items():
             if isinstance(v, torch.Tensor):
                 setattr(self, k, v.to(device))
         return self
+
+    def additive_mask(self, dtype):
+        """`allowed` as 0 / -inf in the dtype attention runs in, built once for all layers, its rows padded to a
+        multiple of 16 keys: the stride CUDA's memory-efficient kernel needs (it copies an unaligned mask)."""
+        if self.mask is None or self.mask.dtype != dtype:
+            K = self.allowed.shape[-1]
+            mask = torch.zeros(self.allowed.shape[:-1] + (-(-K // 16) * 16,), dtype=dtype, device=self.allowed.device)
+            self.mask = mask[..., :K].masked_fill_(~self.allowed, float("-inf"))
+        return self.mask
 
     def attend(self, q, k, v):
         """q [R, H, L, hd], k / v [R, Hkv, L, hd] (after RoPE) -> attention output [R, H, L, hd]."""
@@ -102,7 +106,8 @@ class PrefixGroups:
         kc, vc = with_prompt(k), with_prompt(v)
         if gqa and q.is_cuda:  # CUDA's kernel for masked attention has no GQA: give every query head its kv
             kc, vc = kc.repeat_interleave(H // Hk, 1), vc.repeat_interleave(H // Hk, 1)
-        mask = self.mask if self.mask.dtype == q.dtype else self.mask.to(q.dtype)  # bf16 under autocast
+        autocast = q.is_cuda and torch.is_autocast_enabled("cuda")  # attention then runs in the autocast dtype
+        mask = self.additive_mask(torch.get_autocast_dtype("cuda") if autocast else q.dtype)
         yc = F.scaled_dot_product_attention(slots(q), kc, vc, attn_mask=mask, enable_gqa=gqa and not q.is_cuda)
         yc = yc.transpose(1, 2).reshape(R * G * Tc, H, hd).index_select(0, self.slot)
         return y.index_copy(0, self.dest, yc).view(R, L, H, hd).transpose(1, 2)
