@@ -345,6 +345,15 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.gradient_checkpointing = False  # recompute each block in backward: less memory, ~30% more compute
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(bf16) / .half() would round the RoPE frequencies too: with head_dim 64, theta 1e4..1e6, a token at
+        # position 500 turned by up to 0.2..0.7 radians, and the bf16 sampler copy disagreeing with the fp32
+        # trainer more the longer the sequence. They stay fp32, on the new device.
+        super()._apply(fn, *args, **kwargs)
+        if self.inv_freq.element_size() < 4:
+            self.inv_freq = rope_inv_freq(self.cfg).to(self.inv_freq.device)
+        return self
+
     @property
     def lm_head_weight(self):
         return self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight

@@ -1,5 +1,6 @@
 """The transformer against transformers: logits, the KV-cache path, save/load round trips, bad inputs."""
 
+import copy
 import json
 import os
 import shutil
@@ -157,6 +158,20 @@ def test_dtype_and_meta_free_load(hf_ckpts):
     m = load_model(hf_ckpts["qwen3"], dtype="bfloat16")
     assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in m.parameters())
     assert m.inv_freq.dtype == torch.float32 and not m.inv_freq.is_meta
+
+
+def test_rope_frequencies_stay_fp32_under_a_dtype_cast():
+    """A bf16 copy of the model (train.py's GPU sampler) keeps the fp32 RoPE frequencies: rounded to bf16 they
+    turn position 500 by up to 0.2..0.7 radians, and its logprobs would drift from the trainer's with position."""
+    model = load_model("tiny")
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert half.inv_freq.dtype == torch.float32 and torch.equal(half.inv_freq, model.inv_freq)
+    pos = torch.arange(500)[None]
+    cos32, sin32 = model.rope(pos)
+    cos16, sin16 = half.rope(pos)
+    assert cos16.dtype == torch.bfloat16  # the rotation itself runs in the model's dtype, as in transformers
+    assert (cos16.float() - cos32).abs().max() <= 2 ** -8 and (sin16.float() - sin32).abs().max() <= 2 ** -8
+    assert load_model("tiny").to(torch.float64).inv_freq.dtype == torch.float64  # wider casts keep their dtype
 
 
 def test_smollm2_gguf_matches_transformers_gguf_loader(smollm2, smollm2_hf):

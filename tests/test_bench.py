@@ -1,0 +1,30 @@
+"""bench/mfu.py: its FLOP count on a hand-computed case, and a smoke run (the GPU run is recorded in bench/RESULTS.md)."""
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import mfu  # noqa: E402
+
+from nanorl.model import ModelConfig  # noqa: E402
+
+
+def test_model_flops_by_hand():
+    cfg = ModelConfig(vocab_size=10, hidden_size=4, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=2, intermediate_size=8)
+    # per layer: q 4x4 + k, v 4x2 each + o 4x4 = 48, MLP 3 x 4 x 8 = 96 -> 144 weights
+    # a 3-token prompt with completions of 2 and 3 tokens: packed 3 + 1 + 2 = 6 tokens, 5 completion tokens;
+    # attended pairs: prompt 3 * 4 / 2 = 6, completion 1: 1 x 3 + 1 = 4, completion 2: 2 x 3 + 3 = 9 -> 19
+    want = 6 * 2 * 144 * 6 + 6 * 10 * 4 * 5 + 12 * 2 * 2 * 2 * 19
+    assert mfu.model_flops(cfg, 3, [2, 3]) == want
+
+
+def test_mfu_smoke():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "mfu.py"), "--device", "cpu", "--preset", "small",
+                          "--prompts", "2", "--samples", "2", "--prompt-len", "16", "--completion", "8", "--steps", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    assert lines[1].startswith("rollout: 32 tokens") and lines[2].startswith("train:") and lines[3].startswith("MFU:")
