@@ -163,10 +163,11 @@ _CHUNK_ELEMS = {"cpu": 1 << 24, "cuda": 1 << 26}
 def _chunks(N, V, device, chunk_rows):
     """Yield (i0, i1, a, b): row ranges of at most chunk_rows rows (default: a fixed element budget per
     chunk) and two [i1 - i0, V] fp32 scratch views, the same two buffers for every chunk."""
-    if chunk_rows is None:  # the budget's row count, split evenly: a small last chunk runs GEMMs slowly
-        c = max(1, _CHUNK_ELEMS.get(device.type, 1 << 24) // V)
-        c = -(-N // -(-N // c))
-    c = max(1, min(int(chunk_rows or c), N))
+    if chunk_rows is None:  # the budget's row count, N split evenly: a small last chunk runs GEMMs slowly
+        budget_rows = max(1, _CHUNK_ELEMS.get(device.type, 1 << 24) // V)
+        n_chunks = max(1, -(-N // budget_rows))
+        chunk_rows = -(-N // n_chunks)
+    c = max(1, min(int(chunk_rows), N))
     buf = torch.empty(c, V, dtype=torch.float32, device=device)
     buf2 = torch.empty(c, V, dtype=torch.float32, device=device)
     for i0 in range(0, N, c):

@@ -129,13 +129,14 @@ def collate(prompts, completions, pad_id, device, group=1):
     L, Tc = max(lens), max(len(c) for c in completions)
     ids = torch.full((R, L), pad_id, dtype=torch.long)
     positions = torch.zeros(R, L, dtype=torch.long)
+    prompt_len = torch.zeros(R, dtype=torch.long)
     comp_start, comp_len = torch.zeros(R, group, dtype=torch.long), torch.zeros(R, group, dtype=torch.long)
     idx = torch.zeros(B, Tc, dtype=torch.long)
     targets = torch.zeros(B, Tc, dtype=torch.long)
     mask = torch.zeros(B, Tc)
     for r in range(R):
         p = prompts[r * group]
-        lp = len(p)
+        lp = prompt_len[r] = len(p)
         ids[r, :lp], positions[r, :lp] = torch.tensor(p), torch.arange(lp)
         off = lp
         for i in range(group):
@@ -149,7 +150,7 @@ def collate(prompts, completions, pad_id, device, group=1):
             off += n
     groups = None
     if group > 1:
-        groups = PrefixGroups(torch.tensor([len(prompts[r * group]) for r in range(R)]), comp_start, comp_len, L)
+        groups = PrefixGroups(prompt_len, comp_start, comp_len, L)
     out = dict(ids=ids, positions=positions, idx=idx, targets=targets, mask=mask)
     return {key: v.to(device) for key, v in out.items()} | {"groups": groups.to(device) if groups else None}
 

@@ -297,9 +297,17 @@ def test_torch_chunked_misc():
         (lr if use == "logp" else er).sum().backward()
         assert ((hg.grad.double() - hh.grad).norm() / hh.grad.norm()) < 1e-5, use
         hg.grad = Wg.grad = None
-    # empty batch
-    lp, en = fused_logprobs(h[:0].clone().requires_grad_(), W, y[:0], impl="torch")
+    # empty batch, forward and backward
+    he = h[:0].clone().requires_grad_()
+    lp, en = fused_logprobs(he, Wg, y[:0], impl="torch")
     assert lp.shape == (0,) and en.shape == (0,)
+    (lp.sum() + en.sum()).backward()
+    assert he.grad.shape == (0, 32) and torch.equal(Wg.grad, torch.zeros_like(W))
+    # default chunks: as few as the scratch budget allows, split evenly (no small last chunk)
+    fl = sys.modules["kernels.fused_logprobs"]
+    budget_rows = fl._CHUNK_ELEMS["cpu"] // 49152
+    sizes = [i1 - i0 for i0, i1, _, _ in fl._chunks(808, 49152, torch.device("cpu"), None)]
+    assert sum(sizes) == 808 and len(sizes) == -(-808 // budget_rows) and max(sizes) - min(sizes) <= len(sizes) - 1
 
 
 # ----------------------------------------------------------------------------------------
