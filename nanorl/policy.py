@@ -43,6 +43,9 @@ class Policy(nn.Module):
         return out_lp, out_ent, values
 
 
+MASKED_GQA = {"cpu"}  # devices whose SDPA takes grouped-query kv with a mask without copying it per query head
+
+
 class PrefixGroups:
     """Where each packed token may look (Prefix Grouper, 2506.05433, section 3): row r holds one prompt,
     then its G completions back to back. A prompt token attends causally within the prompt; a completion
@@ -104,11 +107,12 @@ class PrefixGroups:
             return torch.cat([x[:, :, :Lp].repeat_interleave(G, 0), slots(x)], 2)
 
         kc, vc = with_prompt(k), with_prompt(v)
-        if gqa and q.is_cuda:  # CUDA's kernel for masked attention has no GQA: give every query head its kv
+        expand = gqa and q.device.type not in MASKED_GQA
+        if expand:  # CUDA's kernel for masked attention has no GQA: give every query head its kv
             kc, vc = kc.repeat_interleave(H // Hk, 1), vc.repeat_interleave(H // Hk, 1)
-        autocast = q.is_cuda and torch.is_autocast_enabled("cuda")  # attention then runs in the autocast dtype
-        mask = self.additive_mask(torch.get_autocast_dtype("cuda") if autocast else q.dtype)
-        yc = F.scaled_dot_product_attention(slots(q), kc, vc, attn_mask=mask, enable_gqa=gqa and not q.is_cuda)
+        dev = q.device.type  # under autocast SDPA runs in its dtype: a mask in that dtype is not cast per layer
+        mask = self.additive_mask(torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype)
+        yc = F.scaled_dot_product_attention(slots(q), kc, vc, attn_mask=mask, enable_gqa=gqa and not expand)
         yc = yc.transpose(1, 2).reshape(R * G * Tc, H, hd).index_select(0, self.slot)
         return y.index_copy(0, self.dest, yc).view(R, L, H, hd).transpose(1, 2)
 

@@ -111,13 +111,18 @@ def inverse_cdf(p, u, block=1024):
     return (j * block + k).clamp(max=V - 1)
 
 
-class _GraphStep:
-    """One decode step captured as a CUDA graph for a fixed batch size (and replayed every token)."""
+class _StaticStep:
+    """One decode step of fixed shapes for a fixed batch size: the cache attends over all its slots under
+    the mask and the write position advances on the device, so the step has no Python-side state. On CUDA
+    it is captured once as a CUDA graph and replayed every token (gpt-fast style); elsewhere it runs
+    eagerly, the same computation, which is how the tests check it on a CPU."""
 
     def __init__(self, model, cache):
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.graph = model, cache, None
         cache.static = True  # fixed shapes: attend over every slot under the mask
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=model.device)
+        if model.device.type != "cuda":
+            return
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):  # warm up kernels outside the capture, then undo the warm-up's write
@@ -135,6 +140,8 @@ class _GraphStep:
 
     def __call__(self, tokens):
         self.tokens.copy_(tokens)
+        if self.graph is None:
+            return self._run()
         self.graph.replay()  # pos_t advances inside the graph
         self.cache.pos += 1
         return self.logits
@@ -142,10 +149,13 @@ class _GraphStep:
 
 @torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(),
-             seed=None, cuda_graph=None, sync_every=16, on_token=None, stats=None):
+             seed=None, cuda_graph=None, sync_every=None, on_token=None, stats=None):
     """Sample `n` completions for each prompt; returns len(prompts) * n Completions, grouped by prompt.
 
     seed: an int, or a list with one int per prompt (see the module docstring); None draws a fresh seed.
+    cuda_graph: decode with fixed-shape steps (_StaticStep), captured as CUDA graphs on CUDA; default: on CUDA.
+    sync_every: look at the host for finished rows every this many tokens (default: 16 on CUDA, where each
+    look is a host sync, 1 elsewhere); rows that stopped in between keep decoding and are cut at their stop.
 
     on_token(row, token) streams the tokens of row 0 (prompt 0, sample 0) as they are produced.
     stats, if a dict, receives counters: prefill_calls, decode_steps, decode_rows (the sum of the batch
@@ -165,7 +175,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
         seeds = [(base * 1000003 + i) % (1 << 63) for i in range(P)]
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
     use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-    sync_every = sync_every if device.type == "cuda" else 1
+    sync_every = sync_every or (16 if device.type == "cuda" else 1)
     stats = stats if stats is not None else {}
 
     # skinny CPU matmuls through oneDNN on packed weights (linear.packed_cpu_weights): worth its ~0.3 s
@@ -212,7 +222,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
                 on_token(0, int(tok[0]))
             if t == steps - 1:
                 break
-            if (t + 1) % sync_every == 0 or device.type != "cuda":
+            if (t + 1) % sync_every == 0:
                 n_done = int(done.sum())
                 if n_done == len(done):
                     break
@@ -225,7 +235,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
                     row_id, done, tok = row_id[keep], done[keep], tok[keep]
                     graphs = {}  # captured graphs point at the old cache tensors
             if use_graph:
-                step = graphs.get(cache.batch_size) or graphs.setdefault(cache.batch_size, _GraphStep(model, cache))
+                step = graphs.get(cache.batch_size) or graphs.setdefault(cache.batch_size, _StaticStep(model, cache))
                 logits = step(tok[:, None])
             else:
                 logits = model(tok[:, None], kv_cache=cache)[:, -1]

@@ -191,6 +191,24 @@ def test_stop_tokens_max_tokens_and_compaction(hf_ckpts):
         assert (torch.tensor(c.logprobs) - ref).abs().max() <= 1e-4
 
 
+def test_static_steps_and_late_stop_checks_change_nothing(hf_ckpts):
+    """The CUDA path's decode, run on the CPU: fixed-shape steps over every cache slot (what a CUDA graph
+    captures, _StaticStep) and stop checks only every 5 tokens, so stopped rows keep decoding for a while
+    and compaction happens late. Every row's tokens and logprobs must be those of the default path."""
+    model = load_model(hf_ckpts["llama"])
+    kw = dict(n=8, max_new_tokens=30, temperature=1.5, seed=0, stop_ids=list(range(0, 97, 17)))
+    ref_stats, stats = {}, {}
+    ref = generate(model, PROMPTS, stats=ref_stats, **kw)
+    res = generate(model, PROMPTS, cuda_graph=True, sync_every=5, stats=stats, **kw)
+    assert stats["decode_rows"] < len(res) * stats["decode_steps"]  # compaction happened
+    assert stats["decode_rows"] > ref_stats["decode_rows"]  # stopped rows ran on until the next check
+    assert {c.finish_reason for c in res} == {"stop", "length"}
+    for a, b in zip(ref, res):
+        assert (a.tokens, a.finish_reason) == (b.tokens, b.finish_reason)
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+        assert torch.allclose(torch.tensor(a.sampling_logprobs), torch.tensor(b.sampling_logprobs), atol=1e-5)
+
+
 def test_context_limit_ends_with_length(hf_ckpts):
     model = load_model(hf_ckpts["llama"])  # context 128
     res = generate(model, [[1] * 120], max_new_tokens=50, temperature=0)

@@ -174,24 +174,34 @@ def test_embedded_default_learns(tmp_path):
     assert summary["acc_after"] - summary["acc_before"] >= 0.20, summary
 
 
-@pytest.mark.parametrize("comp_lens", [((3, 1, 6), (2, 4, 4)), ((1, 1, 1), (1, 1, 1))], ids=["ragged", "one-token"])
-def test_packed_groups_equal_separate_rows(hf_ckpts, comp_lens):
-    """Prefix Grouper layout: a group packed after one shared prompt gives the same logp, entropy and
-    gradients as G separate prompt+completion rows (ragged completions and prompts of two lengths; and
-    completions of one token each, which are no attention inputs at all)."""
-    from nanorl.model import load_model
-    from nanorl.policy import Policy, collate
-
-    model = load_model(hf_ckpts["qwen2"])
-    policy = Policy(model)
+def _two_groups_of_3(comp_lens):
     g = torch.Generator().manual_seed(0)
     prompts, comps = [], []
-    for plen, lens in zip((5, 9), comp_lens):  # two groups of 3
+    for plen, lens in zip((5, 9), comp_lens):  # prompts of two lengths
         p = torch.randint(0, 97, (plen,), generator=g).tolist()
         for n in lens:
             prompts.append(p)
             comps.append(torch.randint(0, 97, (n,), generator=g).tolist())
-    w = torch.randn(6, 6, generator=g)
+    return prompts, comps
+
+
+@pytest.mark.parametrize("kv", ["gqa", "expanded"])
+@pytest.mark.parametrize("comp_lens", [((3, 1, 6), (2, 4, 4)), ((1, 1, 1), (1, 1, 1))], ids=["ragged", "one-token"])
+def test_packed_groups_equal_separate_rows(hf_ckpts, comp_lens, kv, monkeypatch):
+    """Prefix Grouper layout: a group packed after one shared prompt gives the same logp, entropy and
+    gradients as G separate prompt+completion rows (ragged completions and prompts of two lengths; and
+    completions of one token each, which are no attention inputs at all). kv="expanded" runs the CUDA
+    layout on the CPU: kv heads copied per query head for the masked attention (policy.MASKED_GQA)."""
+    from nanorl import policy as policy_mod
+    from nanorl.model import load_model
+    from nanorl.policy import Policy, collate
+
+    if kv == "expanded":
+        monkeypatch.setattr(policy_mod, "MASKED_GQA", set())
+    model = load_model(hf_ckpts["qwen2"])  # 4 query heads on 2 kv heads
+    policy = Policy(model)
+    prompts, comps = _two_groups_of_3(comp_lens)
+    w = torch.randn(6, 6, generator=torch.Generator().manual_seed(1))
     out = {}
     for group in (1, 3):
         model.zero_grad()
@@ -204,3 +214,21 @@ def test_packed_groups_equal_separate_rows(hf_ckpts, comp_lens):
         assert (grad - out[3][2][k]).abs().max() <= 1e-5 * max(1.0, grad.abs().max().item()), k
     if comp_lens[0][0] == 3:
         assert collate(prompts, comps, 0, torch.device("cpu"), 3)["ids"].shape == (2, 9 + 1 + 3 + 3)
+
+
+def test_packed_groups_under_autocast(hf_ckpts):
+    """Under bf16 autocast (the GPU trainer's setting, here on the CPU) the packed layout still equals
+    separate rows, and its attention mask is built in bf16 once, not cast from fp32 in every layer."""
+    from nanorl.model import load_model
+    from nanorl.policy import Policy, collate
+
+    policy = Policy(load_model(hf_ckpts["qwen2"]))
+    prompts, comps = _two_groups_of_3(((3, 1, 6), (2, 4, 4)))
+    out = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for group in (1, 3):
+            inp = collate(prompts, comps, 0, torch.device("cpu"), group)
+            out[group] = policy(inp)[0]
+    assert inp["groups"].mask.dtype == torch.bfloat16
+    assert (out[1] - out[3]).abs().max() <= 0.05  # bf16 matmuls: the two layouts round differently
+
