@@ -84,6 +84,27 @@ def linear(x, w, b=None):
     return y.view(*x.shape[:-1], w.shape[0])
 
 
+_MM_F32 = {}  # device type -> False once torch.mm(..., out_dtype=float32) turned out unsupported there
+
+
+def logits(x, w):
+    """The LM head, x @ w.T, always as fp32. With 16-bit weights (the GPU sampler's bf16 copy) the logits
+    come straight out of the GEMM's fp32 accumulator (torch.mm's out_dtype, CUDA) instead of being rounded
+    to bf16 first: on SmolLM2-135M's |z| up to ~32 that rounding moved a token's logprob by 0.017 on average
+    (0.066 at most) from the fp32 logprob of the same bf16 inputs, which is what the trainer's LM-head kernel
+    computes (cf. MiniMax-M1, 2506.13585, on the LM head's precision in the rollout/training mismatch).
+    Where out_dtype is unsupported (CPU), the rounded logits are upcast."""
+    if w.dtype == torch.float32:
+        return linear(x, w)
+    dev = x.device.type
+    if _MM_F32.get(dev, True):
+        try:
+            return torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32).view(*x.shape[:-1], w.shape[0])
+        except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
+            _MM_F32[dev] = False
+    return linear(x, w).float()
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters and state-dict names) through `linear` above."""
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from nanorl import UserError
-from nanorl.linear import Linear, linear
+from nanorl.linear import Linear, logits
 
 # -----------------------------------------------------------------------------
 # config
@@ -411,8 +411,8 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def forward(self, input_ids, kv_cache=None, positions=None):
-        """Logits [B, T, V]."""
-        return linear(self.hidden(input_ids, kv_cache, positions), self.lm_head_weight)
+        """Logits [B, T, V], fp32 whatever the weights' dtype (linear.logits)."""
+        return logits(self.hidden(input_ids, kv_cache, positions), self.lm_head_weight)
 
     def matmul_weights(self):
         """The weights of every projection and of the LM head, each once."""

@@ -35,8 +35,11 @@ class Policy(nn.Module):
         h = self.model.hidden(inp["ids"], positions=inp["positions"], groups=inp["groups"])
         h = h.flatten(0, 1)[inp["idx"]]  # [B, Tc, d]: the state whose output predicts each target
         sel = inp["mask"] > 0
+        # the residual stream (and so h) stays fp32 under autocast; the LM head gets the autocast dtype as a
+        # matmul would (on a GPU: bf16 tensor cores, fp32 accumulation inside the kernel, fp32 logp out)
+        dt = autocast_dtype(h)
         W = self.model.lm_head_weight
-        logp, ent = kernels.fused_logprobs(h[sel], W.to(h.dtype), inp["targets"][sel], temperature, impl=self.impl)
+        logp, ent = kernels.fused_logprobs(h[sel].to(dt), W.to(dt), inp["targets"][sel], temperature, impl=self.impl)
         out_lp = h.new_zeros(sel.shape, dtype=torch.float32).masked_scatter(sel, logp)
         out_ent = h.new_zeros(sel.shape, dtype=torch.float32).masked_scatter(sel, ent)
         values = self.value_head(h.float()) if self.value_head is not None else None
@@ -110,8 +113,7 @@ class PrefixGroups:
         expand = gqa and q.device.type not in MASKED_GQA
         if expand:  # CUDA's kernel for masked attention has no GQA: give every query head its kv
             kc, vc = kc.repeat_interleave(H // Hk, 1), vc.repeat_interleave(H // Hk, 1)
-        dev = q.device.type  # under autocast SDPA runs in its dtype: a mask in that dtype is not cast per layer
-        mask = self.additive_mask(torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype)
+        mask = self.additive_mask(autocast_dtype(q))  # SDPA runs in it: a mask in that dtype is not cast per layer
         yc = F.scaled_dot_product_attention(slots(q), kc, vc, attn_mask=mask, enable_gqa=gqa and not expand)
         yc = yc.transpose(1, 2).reshape(R * G * Tc, H, hd).index_select(0, self.slot)
         return y.index_copy(0, self.dest, yc).view(R, L, H, hd).transpose(1, 2)
@@ -157,6 +159,12 @@ def collate(prompts, completions, pad_id, device, group=1):
         groups = PrefixGroups(prompt_len, comp_start, comp_len, L)
     out = dict(ids=ids, positions=positions, idx=idx, targets=targets, mask=mask)
     return {key: v.to(device) for key, v in out.items()} | {"groups": groups.to(device) if groups else None}
+
+
+def autocast_dtype(x):
+    """The dtype a matmul of x runs in: the autocast dtype when autocast is on for x's device, else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def autocast(device):

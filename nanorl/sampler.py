@@ -11,6 +11,7 @@ How a call runs:
 Log-probabilities. `Completion.logprobs[t]` is log softmax(z_t / temperature)[token_t] over the FULL
 vocabulary: exactly what the trainer's forward pass computes for the same token at the same
 temperature, so old-policy logprobs need no second forward when the sampler and trainer weights agree.
+A 16-bit sampler model still gets fp32 logits (linear.logits), as the trainer's LM-head kernel computes them.
 With top-k / top-p the token is actually drawn from the truncated, renormalised distribution q;
 `Completion.sampling_logprobs[t]` is log q(token_t) = logprobs[t] - log(kept probability mass).
 The two differ only under truncation; pass `sampling_logprobs` as the rollout logprobs of the
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from nanorl import UserError
-from nanorl.linear import cpu_gemm_rows, linear, packed_cpu_weights
+from nanorl.linear import cpu_gemm_rows, logits as lm_logits, packed_cpu_weights
 
 
 @dataclass
@@ -189,7 +190,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
         cache = model.new_cache(P, S)
         cache.start.copy_((Lp - lens).to(device))
         h = model.hidden(ids.to(device), kv_cache=cache)[:, -1]
-        logits = linear(h, model.lm_head_weight)  # only the last position needs the LM head
+        logits = lm_logits(h, model.lm_head_weight)  # only the last position needs the LM head
         stats["prefill_calls"] = stats.get("prefill_calls", 0) + 1
 
         # 2. fan out each prompt's cache to its n samples

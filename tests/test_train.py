@@ -232,3 +232,25 @@ def test_packed_groups_under_autocast(hf_ckpts):
     assert inp["groups"].mask.dtype == torch.bfloat16
     assert (out[1] - out[3]).abs().max() <= 0.05  # bf16 matmuls: the two layouts round differently
 
+
+def test_lm_head_runs_in_the_autocast_dtype(hf_ckpts, monkeypatch):
+    """h is fp32 under autocast (the residual stream is), but the LM-head kernel must get the autocast
+    dtype, as the matmul it replaces would: an fp32 call would miss the GPU's bf16 tensor cores."""
+    import kernels
+    from nanorl.model import load_model
+    from nanorl.policy import Policy, collate
+
+    model = load_model(hf_ckpts["qwen2"])
+    policy = Policy(model)
+    prompts, comps = _two_groups_of_3(((3, 1, 6), (2, 4, 4)))
+    inp = collate(prompts, comps, 0, torch.device("cpu"), 3)
+    seen, real = [], kernels.fused_logprobs
+    monkeypatch.setattr(kernels, "fused_logprobs", lambda h, W, *a, **k: (seen.append((h.dtype, W.dtype)), real(h, W, *a, **k))[1])
+    fp32 = policy(inp)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp = policy(inp)[0]
+    assert seen == [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)]
+    assert logp.dtype == torch.float32 and (logp - fp32).abs().max() <= 0.05
+    (logp * inp["mask"]).sum().backward()  # reaches the fp32 master weights through the cast
+    assert model.lm_head_weight.grad.dtype == torch.float32 and model.lm_head_weight.grad.abs().sum() > 0
+
