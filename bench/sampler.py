@@ -83,12 +83,11 @@ def sweep(model, device, sizes=range(1, 33), reps=3):
     import torch.nn.functional as F
 
     import nanorl.linear as L
-    import nanorl.model as M
 
     ours = L.linear
 
-    def use(fn):  # Linear layers call nanorl.linear's name, the LM head nanorl.model's
-        L.linear = M.linear = fn
+    def use(fn):  # Linear layers and the LM head (linear.logits) both call nanorl.linear's `linear`
+        L.linear = fn
 
     variants = {"F.linear": (F.linear, ()), "(W x^T)^T": (ours, ()), "packed": (ours, model.matmul_weights())}
 
