@@ -300,23 +300,21 @@ def test_smollm2_alias_without_package(monkeypatch):
 def test_logits_are_fp32_for_16_bit_weights(monkeypatch):
     """A bf16 model (the GPU sampler's copy) returns fp32 logits: out of the GEMM's fp32 accumulator where
     torch.mm takes out_dtype (CUDA; emulated here), else the bf16 logits upcast (CPU has no such mm)."""
-    from nanorl import linear as linear_mod
-
     half = load_model("tiny").to(torch.bfloat16)
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.no_grad():
         h = half.hidden(ids)
         exact = (h.double() @ half.lm_head_weight.double().t()).float()  # the products of the same bf16 inputs
-        monkeypatch.setattr(linear_mod, "_MM_F32", {})
+        monkeypatch.setattr(L, "_MM_F32", {})
         upcast = half(ids)  # CPU: torch.mm has no out_dtype, so the rounded bf16 logits are upcast
-        assert linear_mod._MM_F32 == {"cpu": False}
-        assert upcast.dtype == torch.float32 and torch.equal(upcast, linear_mod.linear(h, half.lm_head_weight).float())
+        assert L._MM_F32 == {"cpu": False}
+        assert upcast.dtype == torch.float32 and torch.equal(upcast, L.linear(h, half.lm_head_weight).float())
 
         real_mm = torch.mm
         def mm(a, b, out_dtype=None):  # what CUDA's torch.mm(a, b, out_dtype=torch.float32) computes
             return real_mm(a.float(), b.float()) if out_dtype == torch.float32 else real_mm(a, b)
         monkeypatch.setattr(torch, "mm", mm)
-        monkeypatch.setattr(linear_mod, "_MM_F32", {})
+        monkeypatch.setattr(L, "_MM_F32", {})
         z = half(ids)
     assert z.shape == (1, 8, half.cfg.vocab_size) and z.dtype == torch.float32
     assert (z - exact).abs().max() <= 1e-5 < (upcast - exact).abs().max()
