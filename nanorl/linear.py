@@ -100,7 +100,7 @@ def logits(x, w):
     if _MM_F32.get(dev, True):
         try:
             return torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32).view(*x.shape[:-1], w.shape[0])
-        except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
+        except (RuntimeError, TypeError):  # no mm with out_dtype on this device (CPU: an unsupported-op error)
             _MM_F32[dev] = False
     return linear(x, w).float()
 

@@ -183,6 +183,15 @@ def apply_rope(x, cos, sin):
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
+def additive_mask(allowed, dtype, align=1):
+    """A boolean attention mask (True = may attend) as 0 / -inf in `dtype`, built once for all layers: SDPA
+    would convert a boolean one in every layer. align > 1 pads each row's storage to a multiple of that
+    many keys (CUDA's memory-efficient kernel copies a mask whose row stride is not a multiple of 16)."""
+    K = allowed.shape[-1]
+    mask = torch.zeros(allowed.shape[:-1] + (-(-K // align) * align,), dtype=dtype, device=allowed.device)
+    return mask[..., :K].masked_fill_(~allowed, float("-inf"))
+
+
 class KVCache:
     """A preallocated key/value cache for every layer, [B, n_kv_heads, max_len, head_dim] each.
 
@@ -224,9 +233,7 @@ class KVCache:
         self.slots = self.pos_t + torch.arange(T, device=self.pos_t.device)
         causal = keys[None, None, :] <= self.slots[None, :, None]  # [1, T, L]
         allowed = (causal & (keys[None, None, :] >= self.start[:, None, None]))[:, None]
-        # additive (0 / -inf) in the cache's dtype: SDPA would convert a boolean mask in every layer
-        self.mask = torch.zeros(allowed.shape, dtype=self.k[0].dtype, device=allowed.device)
-        self.mask.masked_fill_(~allowed, float("-inf"))
+        self.mask = additive_mask(allowed, self.k[0].dtype)
         if self.group > 1:  # one row per folded query (see Attention), built once for all layers
             self.mask = self.mask.repeat(1, 1, self.group, 1)
         return (self.slots[None, :] - self.start[:, None]).clamp(min=0)

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from nanorl.model import additive_mask
 
 
 class Policy(nn.Module):
@@ -82,12 +83,9 @@ class PrefixGroups:
         return self
 
     def additive_mask(self, dtype):
-        """`allowed` as 0 / -inf in the dtype attention runs in, built once for all layers, its rows padded to a
-        multiple of 16 keys: the stride CUDA's memory-efficient kernel needs (it copies an unaligned mask)."""
+        """`allowed` in the dtype attention runs in, built once for all layers, rows aligned for CUDA."""
         if self.mask is None or self.mask.dtype != dtype:
-            K = self.allowed.shape[-1]
-            mask = torch.zeros(self.allowed.shape[:-1] + (-(-K // 16) * 16,), dtype=dtype, device=self.allowed.device)
-            self.mask = mask[..., :K].masked_fill_(~self.allowed, float("-inf"))
+            self.mask = additive_mask(self.allowed, dtype, align=16)
         return self.mask
 
     def attend(self, q, k, v):
@@ -154,11 +152,9 @@ def collate(prompts, completions, pad_id, device, group=1):
             idx[b, 0], idx[b, 1:n + 1] = r * L + lp - 1, r * L + off + torch.arange(n)
             targets[b, :n + 1], mask[b, :n + 1] = torch.tensor(c), 1
             off += n
-    groups = None
-    if group > 1:
-        groups = PrefixGroups(prompt_len, comp_start, comp_len, L)
+    groups = PrefixGroups(prompt_len, comp_start, comp_len, L).to(device) if group > 1 else None
     out = dict(ids=ids, positions=positions, idx=idx, targets=targets, mask=mask)
-    return {key: v.to(device) for key, v in out.items()} | {"groups": groups.to(device) if groups else None}
+    return {key: v.to(device) for key, v in out.items()} | {"groups": groups}
 
 
 def autocast_dtype(x):

@@ -210,7 +210,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
         stopped = torch.zeros(B, dtype=torch.bool, device=device)
         row_id = torch.arange(B, device=device)  # batch position -> original row
         done = torch.zeros(B, dtype=torch.bool, device=device)  # per batch position
-        graphs = {}
+        step = None  # the fixed-shape step for the current batch size (use_graph)
         for t in range(steps):
             tok, lp, lq = sample_token(logits, temperature, top_k, top_p, U[row_id, t])
             live = ~done
@@ -234,9 +234,9 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
                         else n_done >= max(1, B_now // 8)):
                     keep = cache.drop(done)
                     row_id, done, tok = row_id[keep], done[keep], tok[keep]
-                    graphs = {}  # captured graphs point at the old cache tensors
+                    step = None  # a new batch size (and a captured graph points at the old cache tensors)
             if use_graph:
-                step = graphs.get(cache.batch_size) or graphs.setdefault(cache.batch_size, _StaticStep(model, cache))
+                step = step or _StaticStep(model, cache)
                 logits = step(tok[:, None])
             else:
                 logits = model(tok[:, None], kv_cache=cache)[:, -1]
