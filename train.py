@@ -15,7 +15,6 @@ a bf16 copy refreshed after every optimizer step. On one CPU process the sampler
 """
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -179,7 +178,7 @@ def evaluate(model, tok, task, args, device, examples=None):
         res = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=0, stop_ids=tok.eos_ids)
         sc = score(task, [tok.decode(c.tokens) for c in res], chunk, args.reward_timeout)
         correct += sum(sc.correct)
-    tot = D.all_reduce(torch.tensor([correct, float(len(mine))], dtype=torch.float64, device=device))
+    tot = D.all_reduce([correct, float(len(mine))])
     return float(tot[0] / tot[1].clamp(min=1))
 
 
@@ -279,7 +278,7 @@ def rollout(sampler_model, tok, task, stream, args, cfg, step):
         if cfg.filter_groups == "none" or 0 < cfg.max_gen_batches <= st["gen_batches"]:
             break
     st["groups_kept"] = min(len(kept), n_local)
-    if cfg.filter_groups != "none" and int(D.all_reduce(torch.tensor(len(kept)))) == 0:
+    if cfg.filter_groups != "none" and int(D.all_reduce(len(kept))) == 0:
         mean = float(torch.cat(rewards).mean())
         verdict = "too hard for the model" if mean <= 0.5 else "too easy for the model"
         raise TrainingStopped(f"dynamic sampling: every group had equal rewards in {st['gen_batches']} generation "
@@ -355,7 +354,7 @@ def update(wrapped, policy, ref, batch, args, cfg, pad_id, device, ctl, tracker,
                 def cut(x):
                     return None if x is None else x[s:e, :Tc]
                 last = ci == len(chunks) - 1
-                with (wrapped.no_sync() if hasattr(wrapped, "no_sync") and not last else contextlib.nullcontext()):
+                with D.no_sync(wrapped, skip=not last):
                     with autocast(device):
                         logp, ent, v = wrapped(inp, args.temperature)
                     loss, mets = algos.loss(
@@ -382,7 +381,7 @@ def update(wrapped, policy, ref, batch, args, cfg, pad_id, device, ctl, tracker,
             opt.zero_grad(set_to_none=True)
             metrics["grad_norm"] = float(norm)
     for k, x in sums.items():  # each micro-batch's metric is its share of the mini-batch: sum, then average
-        x = D.all_reduce(torch.as_tensor(x, device=device).clone(), "max" if k.endswith("_max") else "sum")
+        x = D.all_reduce(torch.as_tensor(x).clone(), "max" if k.endswith("_max") else "sum")
         metrics[k] = float(x) / (1 if k.endswith("_max") else n_updates)
     if "kl" in metrics and not skipped:  # a non-finite step must not poison the controllers
         ctl["kl"].update(metrics["kl"], args.prompts_per_step * G)

@@ -11,6 +11,6 @@ Triton is imported lazily (only for impl="triton" / CUDA tensors), so `import ke
 works, and the CPU path runs, where triton is missing.
 """
 
-from .fused_logprobs import fused_logprobs, fused_logprobs_reference
+from .fused_logprobs import fused_logprobs, fused_logprobs_reference, mm_out_dtype_unsupported
 
 __all__ = ["fused_logprobs", "fused_logprobs_reference"]

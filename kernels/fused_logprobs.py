@@ -137,6 +137,19 @@ def _check_args(hidden, weight, targets, temperature, impl):
     return impl
 
 
+def mm_out_dtype_unsupported(e):
+    """Whether exception e from torch.mm(..., out_dtype=) says only that this torch / device lacks it: a
+    TypeError (a torch without the argument), NotImplementedError (no kernel for the device: CPU), or a
+    RuntimeError naming the unsupported dtype. An out-of-memory error is never that: a fallback that caught
+    it would switch the process to the slower or rounded path for good and hide the OOM from the user."""
+    if isinstance(e, torch.OutOfMemoryError):
+        return False
+    if isinstance(e, (TypeError, NotImplementedError)):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and ("out_dtype" in msg or "not supported" in msg or "not implemented" in msg)
+
+
 _TRITON_OK = None
 
 

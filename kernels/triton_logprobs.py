@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fused_logprobs import mm_out_dtype_unsupported
+
 
 # ----------------------------------------------------------------------------------------
 # kernels
@@ -221,7 +223,9 @@ def _mm_f32(a, b):
     if _MM_OUT_DTYPE and a.is_cuda:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):
+        except Exception as e:
+            if not mm_out_dtype_unsupported(e):  # an OOM must reach the user, not disable this path for good
+                raise
             _MM_OUT_DTYPE = False
     return a.float() @ b.float()
 

@@ -23,7 +23,7 @@ per-prompt tracker); `advantages` picks one by name (`cfg.adv`) and applies GPG'
 
 Estimators that whiten over the batch (batch_std, reinforce_pp*, gae, spo) and GPG's alpha need batch
 statistics: call `advantages` once per rollout batch on the whole batch, or pass `all_reduce`
-(a function that sums a small tensor over ranks, e.g. `lambda t: dist.all_reduce(t) or t`); the
+(a function that sums a small tensor over ranks, e.g. `nanorl.dist.all_reduce`); the
 statistics are computed from all-reduced sums, so every rank gets the same numbers.
 """
 

@@ -10,6 +10,7 @@ timeout, so a collective that a dead peer never joins raises on the survivors, a
 tears the job down and shows the failing rank's traceback.
 """
 
+import contextlib
 import datetime
 import os
 
@@ -42,26 +43,51 @@ def is_main():
     return rank() == 0
 
 
+def comm_device():
+    """The device a collective's tensors must live on: the current GPU for NCCL (which has no CPU path:
+    a CPU tensor there fails the first step), the CPU for gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce(x, op="sum"):
-    """In-place sum / max of a tensor over ranks; a no-op on one process. Returns x."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return x
+    """Sum / max of x over ranks: the one way nanorl reaches a reduce, so no CPU tensor ever meets NCCL.
+
+    x: a tensor on any device, a Python number or a list of numbers. A tensor already on the collective's
+    device is reduced in place and returned; anything else is copied there (numbers as float64, or int64
+    when all are ints), reduced, and returned as a tensor on that device (a tensor x also gets the result
+    copied back in place). A no-op on one process apart from the conversion to a tensor.
+    """
+    t = x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=None if _all_ints(x) else torch.float64)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    dev = comm_device()
+    y = t if t.device == dev else t.to(dev)
+    dist.all_reduce(y, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    if y is not t and isinstance(x, torch.Tensor):
+        x.copy_(y)
+    return y
+
+
+def _all_ints(x):
+    return all(isinstance(v, int) for v in (x if isinstance(x, (list, tuple)) else [x]))
 
 
 def all_gather_cat(x):
-    """Concatenate a 1-D tensor of any length from all ranks (entropy quantiles, logging)."""
+    """Concatenate a 1-D tensor of any length from all ranks (entropy quantiles, logging), on x's device."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    n = torch.tensor([x.numel()], device=x.device)
+    dev = comm_device()
+    n = torch.tensor([x.numel()], device=dev)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, n)
     m = int(max(s.item() for s in sizes))
-    padded = torch.zeros(m, dtype=x.dtype, device=x.device)
+    padded = torch.zeros(m, dtype=x.dtype, device=dev)
     padded[: x.numel()] = x
     out = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
-    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)]).to(x.device)
 
 
 def broadcast_object(obj, src=0):
@@ -80,6 +106,28 @@ def barrier():
 def shutdown():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def no_sync(wrapped, skip=True):
+    """Skip the gradient sync of this backward (all micro-batches of an optimizer step but the last):
+    DDP's no_sync(), or FSDP2's set_requires_gradient_sync(False) (FSDP2 modules have no no_sync, and
+    without this they reduce-scatter the gradients after every micro-batch). A null context otherwise."""
+    if not skip:
+        return contextlib.nullcontext()
+    if hasattr(wrapped, "no_sync"):
+        return wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):
+        return _fsdp_no_sync(wrapped)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(wrapped):
+    wrapped.set_requires_gradient_sync(False)  # recurses into the sharded blocks
+    try:
+        yield
+    finally:
+        wrapped.set_requires_gradient_sync(True)
 
 
 def wrap(policy, fsdp=False):

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import mm_out_dtype_unsupported
+
 _PACKED = {}  # id(weight) -> the weight in oneDNN's blocked layout, while `packed_cpu_weights` is active
 
 
@@ -100,7 +102,9 @@ def logits(x, w):
     if _MM_F32.get(dev, True):
         try:
             return torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32).view(*x.shape[:-1], w.shape[0])
-        except (RuntimeError, TypeError):  # no mm with out_dtype on this device (CPU: an unsupported-op error)
+        except Exception as e:
+            if not mm_out_dtype_unsupported(e):  # out of memory and every other failure: the caller's to see
+                raise
             _MM_F32[dev] = False
     return linear(x, w).float()
 

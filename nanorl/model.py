@@ -224,18 +224,29 @@ class KVCache:
         return self.start.shape[0]
 
     def begin(self, T):
-        """Slots, RoPE positions [B, T] and the attention mask [B, 1, group * T, L] of T new tokens."""
+        """Slots and RoPE positions [B, T] of T new tokens; builds the attention mask (self.mask, None when
+        plain causal attention is exact) once for all layers."""
         if self.pos + T > self.max_len:
             raise UserError(f"KV cache overflow: {self.pos}+{T} tokens > its {self.max_len} slots; "
                             "lower max_new_tokens or the prompt length")
         self.L = self.max_len if self.static else self.pos + T
         keys = self.key_idx[:self.L]
         self.slots = self.pos_t + torch.arange(T, device=self.pos_t.device)
-        causal = keys[None, None, :] <= self.slots[None, :, None]  # [1, T, L]
-        allowed = (causal & (keys[None, None, :] >= self.start[:, None, None]))[:, None]
-        self.mask = additive_mask(allowed, self.k[0].dtype)
-        if self.group > 1:  # one row per folded query (see Attention), built once for all layers
-            self.mask = self.mask.repeat(1, 1, self.group, 1)
+        # a left-padded prompt of a batch with no padding starts at 0: then prefill is plain causal attention,
+        # which needs no mask (and so may run flash attention on CUDA); a host sync, but once per prefill
+        self.mask = None
+        if self.static or self.pos > 0 or T == 1 or bool(self.start.any()):
+            # one row per folded query (see Attention): row j of the fold is query token j % T
+            rows = self.slots.repeat(self.group) if T > 1 else self.slots
+            causal = keys[None, None, :] <= rows[None, :, None]  # [1, R, L]
+            # a padding slot (before its row's start) sees only itself: never an empty set of keys, for which
+            # some attention backends (cuDNN) return NaN, which the padded K/V would then carry into every
+            # real token of the row as 0 x NaN
+            allowed = (causal & (keys[None, None, :] >= self.start[:, None, None])) | (keys == rows[:, None])
+            # aligned rows: CUDA's kernels copy a mask whose row stride is not a multiple of 16, per layer
+            self.mask = additive_mask(allowed[:, None], self.k[0].dtype, align=16)
+            if T == 1 and self.group > 1:  # decode: every folded row has the same mask, broadcast (stride 0)
+                self.mask = self.mask.expand(-1, -1, self.group, -1)
         return (self.slots[None, :] - self.start[:, None]).clamp(min=0)
 
     def update(self, layer, k, v):
@@ -309,10 +320,16 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             k, v = kv_cache.update(layer, k, v)
-            # fold each group of query heads that share a kv head into the query length: attention then
-            # reads the cache as is, where enable_gqa would first copy k and v once per query head
-            q = q.reshape(B, self.n_kv_heads, -1, self.head_dim)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask).view(B, self.n_heads, T, self.head_dim)
+            if kv_cache.mask is None:  # a prefill without padding: plain causal attention over the new tokens
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            else:
+                # fold each group of query heads that share a kv head into the query length: attention then
+                # reads the cache as is, where enable_gqa would first copy k and v once per query head
+                q = q.reshape(B, self.n_kv_heads, -1, self.head_dim)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.mask)
+                # reshape, not view: CUDA's flash and memory-efficient kernels return [B, heads, rows, hd] in
+                # transposed (non-contiguous) strides, which a view of the folded rows cannot express
+                y = y.reshape(B, self.n_heads, T, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
