@@ -56,8 +56,8 @@ def all_reduce(x, op="sum"):
 
     x: a tensor on any device, a Python number or a list of numbers. A tensor already on the collective's
     device is reduced in place and returned; anything else is copied there (numbers as float64, or int64
-    when all are ints), reduced, and returned as a tensor on that device (a tensor x also gets the result
-    copied back in place). A no-op on one process apart from the conversion to a tensor.
+    when all are ints), reduced, and returned as a tensor on that device: use the return value. On one
+    process x is returned (numbers as a tensor).
     """
     t = x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=None if _all_ints(x) else torch.float64)
     if not (dist.is_initialized() and dist.get_world_size() > 1):
@@ -65,8 +65,6 @@ def all_reduce(x, op="sum"):
     dev = comm_device()
     y = t if t.device == dev else t.to(dev)
     dist.all_reduce(y, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    if y is not t and isinstance(x, torch.Tensor):
-        x.copy_(y)
     return y
 
 

@@ -17,6 +17,7 @@ decode steps. The KV cache (`KVCache`) is preallocated; rows may start at differ
 prompts), which the cache tracks so that padding never changes a row's result.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -192,6 +193,21 @@ def additive_mask(allowed, dtype, align=1):
     return mask[..., :K].masked_fill_(~allowed, float("-inf"))
 
 
+# cuDNN attention has a backward bug with masks on recent torch (NaN grad_q for some lengths and masks:
+# pytorch #196678, trl #7181), and it is the bf16 default on Hopper: a training forward picks among these
+TRAIN_SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def training_attention(x):
+    """The SDPA backends a forward that may be differentiated runs under: on CUDA with grad enabled (which
+    gradient checkpointing's recompute also is), all but cuDNN; elsewhere no restriction."""
+    if not (x.is_cuda and torch.is_grad_enabled()):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([getattr(SDPBackend, b) for b in TRAIN_SDPA_BACKENDS])
+
+
 class KVCache:
     """A preallocated key/value cache for every layer, [B, n_kv_heads, max_len, head_dim] each.
 
@@ -259,10 +275,11 @@ class KVCache:
         self.pos += T
         self.slots = self.mask = None
 
-    def drop(self, done):
+    def drop(self, done, in_place=False):
         """Remove the rows where `done` [B] is True (compaction). The last live rows move into the first
         dead places, so only the rows that move are copied, not the whole cache, and a live row 0 stays
-        first. Returns `keep` [B_new]: each new row's old index."""
+        first. Returns `keep` [B_new]: each new row's old index. in_place: only move the rows (the live ones
+        end up first) and keep every tensor, for a cache whose tensors a captured CUDA graph points at."""
         live = (~done).nonzero()[:, 0]
         n = len(live)
         keep = torch.arange(n, device=done.device)
@@ -272,9 +289,22 @@ class KVCache:
             for i, old in enumerate(cache):
                 if len(holes):
                     old[holes, :, :self.pos] = old[movers, :, :self.pos]
-                cache[i] = old[:n]  # a view: the batch is the outermost dimension
-        self.start = self.start[keep]
+                if not in_place:
+                    cache[i] = old[:n]  # a view: the batch is the outermost dimension
+        if in_place:
+            self.start[holes] = self.start[movers]
+        else:
+            self.start = self.start[keep]
         return keep
+
+    def view(self, rows, slots):
+        """A cache over the first `rows` rows and `slots` slots of this one's tensors (shared, not copied),
+        the same write position; static (fixed shapes) for a captured decode step."""
+        out = object.__new__(KVCache)
+        out.__dict__.update(self.__dict__)
+        out.k, out.v = [k[:rows, :, :slots] for k in self.k], [v[:rows, :, :slots] for v in self.v]
+        out.start, out.key_idx, out.max_len, out.static = self.start[:rows], self.key_idx[:slots], slots, True
+        return out
 
     def select(self, rows):
         """Keep only `rows` (a LongTensor of indices, repeats allowed): the fan-out to n samples.
@@ -314,10 +344,10 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.n_heads != self.n_kv_heads
-        if groups is not None:  # training on packed GRPO groups (policy.PrefixGroups)
-            y = groups.attend(q, k, v)
-        elif kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if kv_cache is None:  # training (or a plain forward): packed GRPO groups (policy.PrefixGroups) or causal
+            with training_attention(x):
+                y = groups.attend(q, k, v) if groups is not None else \
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             k, v = kv_cache.update(layer, k, v)
             if kv_cache.mask is None:  # a prefill without padding: plain causal attention over the new tokens

@@ -20,14 +20,16 @@ temperature=0 is greedy decoding; its logprobs are those of the untempered (T=1)
 
 Randomness is per prompt: `seed` is an int or one int per prompt, and sample j of prompt i draws its
 uniforms from a generator seeded with prompt i's seed, so the same seed gives the same completions and a
-prompt's samples do not depend on which other prompts share its batch (torchrun ranks, dynamic sampling). On CUDA the decode step is captured in a CUDA graph per batch size (gpt-fast
-style) and stop checks happen every `sync_every` tokens, so there is no host sync per token.
+prompt's samples do not depend on which other prompts share its batch (torchrun ranks, dynamic sampling). On CUDA the decode step is captured in a CUDA graph per batch-size bucket, once per
+process (gpt-fast style, DecodeGraphs), and stop checks happen every `sync_every` tokens, so there is no host
+sync per token.
 """
 
+import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from nanorl import UserError
 from nanorl.linear import cpu_gemm_rows, logits as lm_logits, packed_cpu_weights
@@ -71,9 +73,15 @@ def sample_token(logits, temperature, top_k, top_p, u):
     logits = logits.float()
     if temperature == 0:
         tok = logits.argmax(-1)
-        logp = torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
+        logp = logits.gather(-1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
         return tok, logp, logp
-    logp_all = torch.log_softmax(logits / temperature, -1)
+    z = logits / temperature
+    if not (top_k or top_p < 1):  # the common case in as few passes over [B, V] as it takes: no log_softmax
+        lse = torch.logsumexp(z, -1)
+        tok = inverse_cdf(torch.exp(z - lse[:, None]), u)
+        logp = z.gather(-1, tok[:, None])[:, 0] - lse
+        return tok, logp, logp
+    logp_all = torch.log_softmax(z, -1)
     logq_all = logp_all
     if top_k or top_p < 1:
         masked = logp_all
@@ -99,12 +107,16 @@ def inverse_cdf(p, u, block=1024):
     inside the one block the draw falls in. side="right" never lands on a zero-probability (truncated) token.
     """
     B, V = p.shape
-    pb = (F.pad(p, (0, -V % block)) if V % block else p).view(B, -1, block)
-    cum_blocks = pb.sum(-1, dtype=torch.float64).cumsum(-1)  # [B, V / block]
+    full = V // block * block  # the whole blocks are a view of p; a partial last one is summed on its own
+    sums = p[:, :full].view(B, -1, block).sum(-1, dtype=torch.float64)  # no padded copy of p (V = 151936)
+    if full < V:
+        sums = torch.cat([sums, p[:, full:].sum(-1, dtype=torch.float64, keepdim=True)], 1)
+    cum_blocks = sums.cumsum(-1)  # [B, ceil(V / block)]
     target = u.double() * cum_blocks[:, -1]
     j = torch.searchsorted(cum_blocks, target[:, None], right=True)[:, 0].clamp(max=cum_blocks.shape[1] - 1)
     before = torch.where(j > 0, cum_blocks.gather(1, (j - 1).clamp(min=0)[:, None])[:, 0], 0.0)
-    inner = pb[torch.arange(B, device=p.device), j].double().cumsum(-1)  # [B, block]
+    cols = j[:, None] * block + torch.arange(block, device=p.device)  # block j's columns, past V read as 0
+    inner = p.gather(1, cols.clamp(max=V - 1)).double().masked_fill(cols >= V, 0).cumsum(-1)  # [B, block]
     k = torch.searchsorted(inner, (target - before)[:, None], right=True)[:, 0]
     # rounding (a block's sum and its cumulative sum can differ in the last bit) may step past the block:
     # the block's last token of nonzero probability is the right answer then
@@ -118,8 +130,8 @@ class _StaticStep:
     it is captured once as a CUDA graph and replayed every token (gpt-fast style); elsewhere it runs
     eagerly, the same computation, which is how the tests check it on a CPU."""
 
-    def __init__(self, model, cache):
-        self.model, self.cache, self.graph = model, cache, None
+    def __init__(self, model, cache, pool=None):
+        self.cache, self.graph = cache, None  # no reference to the model: DecodeGraphs must not keep it alive
         cache.static = True  # fixed shapes: attend over every slot under the mask
         self.tokens = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=model.device)
         if model.device.type != "cuda":
@@ -127,25 +139,123 @@ class _StaticStep:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):  # warm up kernels outside the capture, then undo the warm-up's write
-            self._run()
+            self._run(model)
             cache.pos_t -= 1
             cache.pos -= 1
         torch.cuda.current_stream().wait_stream(s)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._run()
+        # thread_local: another thread's CUDA call during the capture (NCCL's watchdog polling its events)
+        # must not invalidate it, as the default global mode lets it
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+            self.logits = self._run(model)
         cache.pos -= 1  # capture records the device-side advance without running it; undo the host one
 
-    def _run(self):
-        return self.model(self.tokens, kv_cache=self.cache)[:, -1]
+    def _run(self, model):
+        return model(self.tokens, kv_cache=self.cache)[:, -1]
 
-    def __call__(self, tokens):
-        self.tokens.copy_(tokens)
+    def __call__(self, model, tokens):
+        self.tokens[:len(tokens)].copy_(tokens)  # rows past the live ones (bucket padding) decode stale tokens
         if self.graph is None:
-            return self._run()
-        self.graph.replay()  # pos_t advances inside the graph
-        self.cache.pos += 1
-        return self.logits
+            logits = self._run(model)
+        else:
+            self.graph.replay()  # pos_t advances inside the graph
+            self.cache.pos += 1
+            logits = self.logits
+        return logits[:len(tokens)]
+
+
+def _bucket(rows):
+    """The batch size a decode step of `rows` rows is captured for: the next power of two."""
+    return 1 << (rows - 1).bit_length()
+
+
+class DecodeGraphs:
+    """Fixed-shape decode steps (_StaticStep) kept across generate calls, so a run captures a CUDA graph
+    only the first time it meets a (batch bucket, slot bucket): each capture synchronises the device and
+    empties PyTorch's CUDA cache, and capturing per call and per compaction cost 10-20 captures a rollout
+    (gpt-fast and nano-vllm likewise capture a few batch sizes once and pad up to the next one).
+
+    One KV storage [rows, kv heads, slots, head_dim] per layer serves every bucket: the step of bucket
+    (b, S) reads and writes its views [:b, :, :S], so after compaction (live rows moved to the front, in
+    place) a smaller bucket's step continues on the same tensors without a copy. The storage grows (and
+    the steps are dropped) when a call needs more rows or slots; it stays allocated between calls, as a
+    serving engine's KV cache does: `DecodeGraphs.release(model)` frees it (and the graphs).
+    """
+
+    SLOT_ALIGN = 256  # slot buckets: prompt lengths vary per call, S = Lp + max_new_tokens with them
+    _pools = {}  # id(model) -> DecodeGraphs (not an attribute: deepcopy of the model must not copy graphs)
+
+    def __init__(self, model):
+        self.model_ref, self.cache, self.steps = weakref.ref(model), None, {}
+        self.captures, self.capture_s = 0, 0.0  # counters for tests and bench/gpu.sh
+        self.pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
+        self.weights = self._weights_key()
+
+    @property
+    def model(self):
+        return self.model_ref()
+
+    def _weights_key(self):
+        w = self.model.embed_tokens.weight
+        return w.data_ptr(), w.dtype, w.device  # the graphs point at these weights: new ones need new graphs
+
+    @classmethod
+    def of(cls, model):
+        g = cls._pools.get(id(model))
+        if g is None or g.model is not model or g.weights != g._weights_key():
+            if g is None or g.model is not model:  # free the storage and graphs when the model goes
+                weakref.finalize(model, cls._pools.pop, id(model), None)
+            g = cls._pools[id(model)] = cls(model)
+        return g
+
+    @classmethod
+    def release(cls, model):
+        cls._pools.pop(id(model), None)
+
+    def load(self, prefill, rows, S):
+        """Take over the prefill cache's rows `rows` (the fan-out to n samples); returns the slot bucket."""
+        B, Lp = len(rows), prefill.pos
+        slots = min(-(-S // self.SLOT_ALIGN) * self.SLOT_ALIGN, self.model.cfg.max_seq_len)
+        c = self.cache
+        if c is None or _bucket(B) > c.batch_size or slots > c.max_len:
+            self.cache = self.steps = None  # free the old storage first
+            self.cache = self.model.new_cache(max(_bucket(B), c.batch_size if c else 0), max(slots, c.max_len if c else 0))
+            self.steps = {}
+        c = self.cache
+        for dst, src in ((c.k, prefill.k), (c.v, prefill.v)):
+            for d, s_ in zip(dst, src):
+                d[:B, :, :Lp] = s_[rows, :, :Lp]
+        c.start[:B] = prefill.start[rows]
+        c.pos_t.fill_(Lp)
+        c.pos, self.slots, self.step = Lp, slots, None
+        return slots
+
+    def __call__(self, tokens, stats):
+        """One decode step of the live rows' tokens [B_now, 1]; returns their logits [B_now, V]."""
+        key = (_bucket(len(tokens)), self.slots)
+        if self.step is None or self.step.key != key:
+            if key not in self.steps:
+                t0 = time.perf_counter()
+                view = self.cache.view(*key)
+                view.pos = self.cache.pos
+                self.steps[key] = _StaticStep(self.model, view, self.pool)
+                self.steps[key].key = key
+                self.captures += 1
+                self.capture_s += time.perf_counter() - t0
+                stats["graph_captures"] = stats.get("graph_captures", 0) + 1
+                stats["capture_s"] = stats.get("capture_s", 0.0) + time.perf_counter() - t0
+            self.step = self.steps[key]
+            self.step.cache.pos = self.cache.pos
+        logits = self.step(self.model, tokens)
+        self.cache.pos = self.step.cache.pos
+        stats["decode_rows"] = stats.get("decode_rows", 0) + key[0]  # work done, bucket padding included
+        return logits
+
+    def drop(self, done):
+        """Compaction in place: the live rows move to the front of the storage; returns `keep`."""
+        view = self.cache.view(len(done), self.slots)
+        view.pos = self.cache.pos
+        return view.drop(done, in_place=True)
 
 
 @torch.no_grad()
@@ -154,13 +264,15 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
     """Sample `n` completions for each prompt; returns len(prompts) * n Completions, grouped by prompt.
 
     seed: an int, or a list with one int per prompt (see the module docstring); None draws a fresh seed.
-    cuda_graph: decode with fixed-shape steps (_StaticStep), captured as CUDA graphs on CUDA; default: on CUDA.
+    cuda_graph: decode with fixed-shape steps (_StaticStep), captured as CUDA graphs on CUDA and kept for later
+    calls (DecodeGraphs); default: on CUDA.
     sync_every: look at the host for finished rows every this many tokens (default: 16 on CUDA, where each
     look is a host sync, 1 elsewhere); rows that stopped in between keep decoding and are cut at their stop.
 
     on_token(row, token) streams the tokens of row 0 (prompt 0, sample 0) as they are produced.
     stats, if a dict, receives counters: prefill_calls, decode_steps, decode_rows (the sum of the batch
-    size over decode steps: the work done), tokens (returned).
+    size over decode steps: the work done), tokens (returned); with cuda_graph also graph_captures and
+    capture_s (the steps this call captured, and the seconds that took).
     """
     _check(model, prompts, n, max_new_tokens, temperature, top_p, top_k)
     device = model.device
@@ -182,22 +294,27 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
     # skinny CPU matmuls through oneDNN on packed weights (linear.packed_cpu_weights): worth its ~0.3 s
     # reorder of SmolLM2-135M only for a batch above 4 rows and enough tokens
     pack = device.type == "cpu" and B > 4 and max_new_tokens >= 16
+    graphs = DecodeGraphs.of(model) if use_graph else None
     with packed_cpu_weights(model.matmul_weights() if pack else ()):
-        # 1. prefill the distinct prompts once, left-padded
+        # 1. prefill the distinct prompts once, left-padded (with graphs: into the prompt's slots only, as the
+        # decode steps' own storage takes over from there)
         ids = torch.zeros(P, Lp, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, Lp - len(p):] = torch.tensor(p)
-        cache = model.new_cache(P, S)
+        cache = model.new_cache(P, Lp if graphs else S)
         cache.start.copy_((Lp - lens).to(device))
         h = model.hidden(ids.to(device), kv_cache=cache)[:, -1]
         logits = lm_logits(h, model.lm_head_weight)  # only the last position needs the LM head
         stats["prefill_calls"] = stats.get("prefill_calls", 0) + 1
 
         # 2. fan out each prompt's cache to its n samples
-        if n > 1:
-            rows = torch.arange(P, device=device).repeat_interleave(n)
+        rows = torch.arange(P, device=device).repeat_interleave(n)
+        if graphs:
+            graphs.load(cache, rows, S)
+            cache = None
+        elif n > 1:
             cache.select(rows)
-            logits = logits[rows]
+        logits = logits[rows] if n > 1 else logits
 
         # 3. decode; buffers stay on the device, rows are identified by `row_id` through compaction
         steps = min(max_new_tokens, S - Lp)
@@ -210,7 +327,6 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
         stopped = torch.zeros(B, dtype=torch.bool, device=device)
         row_id = torch.arange(B, device=device)  # batch position -> original row
         done = torch.zeros(B, dtype=torch.bool, device=device)  # per batch position
-        step = None  # the fixed-shape step for the current batch size (use_graph)
         for t in range(steps):
             tok, lp, lq = sample_token(logits, temperature, top_k, top_p, U[row_id, t])
             live = ~done
@@ -227,21 +343,24 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
                 n_done = int(done.sum())
                 if n_done == len(done):
                     break
-                # compaction: drop finished rows from the batch; on CPU as soon as the matmuls get cheaper,
-                # elsewhere once an eighth of the rows are done (on GPU each batch size captures its own graph)
+                # compaction: drop finished rows from the batch; with graphs when the live rows fit a smaller
+                # bucket; else on CPU as soon as the matmuls get cheaper, elsewhere once an eighth are done
                 B_now = len(done)
-                if (cpu_gemm_rows(B_now - n_done) < cpu_gemm_rows(B_now) if device.type == "cpu"
-                        else n_done >= max(1, B_now // 8)):
-                    keep = cache.drop(done)
+                if graphs:
+                    compact = _bucket(B_now - n_done) < _bucket(B_now)
+                elif device.type == "cpu":
+                    compact = cpu_gemm_rows(B_now - n_done) < cpu_gemm_rows(B_now)
+                else:
+                    compact = n_done >= max(1, B_now // 8)
+                if compact:
+                    keep = graphs.drop(done) if graphs else cache.drop(done)
                     row_id, done, tok = row_id[keep], done[keep], tok[keep]
-                    step = None  # a new batch size (and a captured graph points at the old cache tensors)
-            if use_graph:
-                step = step or _StaticStep(model, cache)
-                logits = step(tok[:, None])
+            if graphs:
+                logits = graphs(tok[:, None], stats)
             else:
                 logits = model(tok[:, None], kv_cache=cache)[:, -1]
+                stats["decode_rows"] = stats.get("decode_rows", 0) + cache.batch_size  # work done
             stats["decode_steps"] = stats.get("decode_steps", 0) + 1
-            stats["decode_rows"] = stats.get("decode_rows", 0) + cache.batch_size  # work done, padding included
 
     out_tok, out_lp, out_lq, length, stopped = (x.cpu() for x in (out_tok, out_lp, out_lq, length, stopped))
     stats["tokens"] = stats.get("tokens", 0) + int(length.sum())
