@@ -30,15 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanorl.model import ModelConfig, Transformer  # noqa: E402
 from nanorl.policy import Policy, autocast, collate  # noqa: E402
 from nanorl.sampler import generate  # noqa: E402
+from shapes import PRESETS  # noqa: E402  (bench/shapes.py: real models' shapes)
 
-PRESETS = {  # Qwen2.5-0.5B's shape (config.json of the HF checkpoint), and a small one for CPU
-    "qwen2-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, n_layers=24, n_heads=14, n_kv_heads=2,
-                       head_dim=64, intermediate_size=4864, rope_theta=1e6, tie_embeddings=True, attn_bias=True),
-    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, n_layers=30, n_heads=9, n_kv_heads=3,
-                         head_dim=64, intermediate_size=1536, rope_theta=1e5, tie_embeddings=True),
-    "small": dict(model_type="qwen2", vocab_size=8192, hidden_size=256, n_layers=4, n_heads=4, n_kv_heads=2,
-                  head_dim=64, intermediate_size=768, tie_embeddings=True, attn_bias=True),
-}
 GPU_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4}  # bf16 dense, SXM
 
 

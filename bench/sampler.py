@@ -3,6 +3,7 @@
     python bench/sampler.py                       # CPU: SmolLM2-135M fp32, 8 prompts x 4 samples x 128 tokens
     python bench/sampler.py --device cuda --prompts 64 --samples 8 --max-new-tokens 512   # GPU, bf16
     python bench/sampler.py --device cuda --roofline                                      # + batch-1 bandwidth
+    python bench/sampler.py --device cuda --model random:qwen2.5-0.5b   # a real shape, random weights (bench/shapes.py)
     python bench/sampler.py --sweep                # CPU: one decode step per batch size, F.linear vs nanorl.linear
 
 Both sides sample at temperature 1 from the full vocabulary and stop at the tokenizer's end-of-turn ids.
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanorl.model import load_model  # noqa: E402
 from nanorl.sampler import generate  # noqa: E402
 from nanorl.tokenizer import load_tokenizer  # noqa: E402
+from shapes import resolve  # noqa: E402
 
 QUESTIONS = ["What is 12 + 30?", "Name three primary colors.", "Write a haiku about rain.", "What is the capital of Italy?",
              "Explain photosynthesis in one sentence.", "Give me a synonym for happy.", "How many legs does a spider have?",
@@ -120,7 +122,7 @@ def sweep(model, device, sizes=range(1, 33), reps=3):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m", help="alias, path, or random:NAME (bench/shapes.py)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--samples", type=int, default=4)
@@ -134,8 +136,9 @@ def main():
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    tok = load_tokenizer(args.model)
-    ours = load_model(args.model, dtype=dtype, device=device)
+    path = resolve(args.model, tempfile.mkdtemp(prefix="nanorl-bench-"))  # random:NAME, as on the GPU machine
+    tok = load_tokenizer(path)
+    ours = load_model(path, dtype=dtype, device=device)
     if args.sweep:
         return sweep(ours, device)
     with tempfile.TemporaryDirectory() as d:

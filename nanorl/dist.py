@@ -23,9 +23,11 @@ def init(timeout_s=600):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        if cuda:  # more ranks than GPUs (a smoke test on one GPU) share them round-robin
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        # NANORL_DIST_BACKEND=gloo: e.g. two ranks on one GPU, which NCCL refuses
+        backend = os.environ.get("NANORL_DIST_BACKEND") or ("nccl" if cuda else "gloo")
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     rank = dist.get_rank() if dist.is_initialized() else 0
     device = torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else torch.device("cpu")
     return rank, world, device
@@ -44,11 +46,11 @@ def is_main():
 
 
 def comm_device():
-    """The device a collective's tensors must live on: the current GPU for NCCL (which has no CPU path:
-    a CPU tensor there fails the first step), the CPU for gloo."""
+    """The device a collective's tensors must live on: the current GPU for NCCL (which has no CPU path: a
+    CPU tensor there fails the first step); None for gloo, which takes CPU and CUDA tensors alike."""
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return None
 
 
 def all_reduce(x, op="sum"):
@@ -62,7 +64,7 @@ def all_reduce(x, op="sum"):
     t = x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=None if _all_ints(x) else torch.float64)
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return t
-    dev = comm_device()
+    dev = comm_device() or t.device
     y = t if t.device == dev else t.to(dev)
     dist.all_reduce(y, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return y
@@ -76,7 +78,7 @@ def all_gather_cat(x):
     """Concatenate a 1-D tensor of any length from all ranks (entropy quantiles, logging), on x's device."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    dev = comm_device()
+    dev = comm_device() or x.device
     n = torch.tensor([x.numel()], device=dev)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, n)

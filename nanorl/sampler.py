@@ -186,7 +186,7 @@ class DecodeGraphs:
     _pools = {}  # id(model) -> DecodeGraphs (not an attribute: deepcopy of the model must not copy graphs)
 
     def __init__(self, model):
-        self.model_ref, self.cache, self.steps = weakref.ref(model), None, {}
+        self.model_ref, self.cache, self.steps, self.slots = weakref.ref(model), None, {}, None
         self.captures, self.capture_s = 0, 0.0  # counters for tests and bench/gpu.sh
         self.pool = torch.cuda.graph_pool_handle() if model.device.type == "cuda" else None
         self.weights = self._weights_key()
