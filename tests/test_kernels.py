@@ -356,6 +356,7 @@ def test_triton_on_cpu_needs_interpreter():
 # ----------------------------------------------------------------------------------------
 # GPU (skipped without CUDA): production tile sizes, bf16, peak memory
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_triton_cuda_vs_float64(dtype):
@@ -367,6 +368,7 @@ def test_triton_cuda_vs_float64(dtype):
         check(res, dtype, case)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_cuda_memory_and_determinism():
     N, d, V = 4096, 512, 32768
