@@ -28,3 +28,25 @@ def test_mfu_smoke():
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.splitlines()
     assert lines[1].startswith("rollout: 32 tokens") and lines[2].startswith("train:") and lines[3].startswith("MFU:")
+
+
+def test_gpu_sh_dry_run():
+    """bench/gpu.sh --dry-run: the wheels it carries are present and small, every script it runs exists, and it
+    lists its steps with their time limits, which it cuts to fit 450 s in all."""
+    res = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), "--dry-run"], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    assert "wheel ok: bench/wheels/gguf-" in out and "MISSING" not in out
+    steps = [line.split()[1] for line in out.splitlines() if line.startswith("step ")]
+    assert steps == ["setup", "tests-gpu", "sdpa", "decode", "kernel", "step", "mfu", "torchrun", "default", "tests-cpu"]
+    assert "cut at 450s" in out
+
+
+def test_decode_bench_smoke():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "decode.py"), "--device", "cpu", "--presets", "small",
+                          "--batches", "2", "--prompt-len", "8", "--max-new-tokens", "4"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = [x for x in res.stdout.splitlines() if x.startswith("small B=2")][0]
+    assert "kept call 0," in line and "recapture call 1 " in line  # kept steps are replayed; a released pool captures
