@@ -248,8 +248,8 @@ class KVCache:
         self.L = self.max_len if self.static else self.pos + T
         keys = self.key_idx[:self.L]
         self.slots = self.pos_t + torch.arange(T, device=self.pos_t.device)
-        # a left-padded prompt of a batch with no padding starts at 0: then prefill is plain causal attention,
-        # which needs no mask (and so may run flash attention on CUDA); a host sync, but once per prefill
+        # a fresh prefill where no row is padded (every start is 0) is plain causal attention: no mask, so
+        # flash attention may run on CUDA (the check is a host sync, once per prefill)
         self.mask = None
         if self.static or self.pos > 0 or T == 1 or bool(self.start.any()):
             # one row per folded query (see Attention): row j of the fold is query token j % T

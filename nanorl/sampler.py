@@ -196,8 +196,8 @@ class DecodeGraphs:
         return self.model_ref()
 
     def _weights_key(self):
-        w = self.model.embed_tokens.weight
-        return w.data_ptr(), w.dtype, w.device  # the graphs point at these weights: new ones need new graphs
+        # the graphs read these tensors' memory: weights replaced (not updated in place) need new graphs
+        return tuple((p.data_ptr(), p.dtype) for p in self.model.parameters())
 
     @classmethod
     def of(cls, model):
