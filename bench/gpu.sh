@@ -22,7 +22,8 @@
 # The steps, in order of value, each under its own time limit (cut further when the total runs short):
 #   setup       install the carried wheels; GPU, driver, torch and triton versions
 #   tests-gpu   pytest -m gpu: tests/test_gpu.py (issue 19 on CUDA's kernels) + the Triton kernel's CUDA tests
-#   sdpa        the SDPA backend torch picks for the prefill, decode and training attentions (issue 19 item 9)
+#   sdpa        the SDPA backend torch picks for the prefill, decode and training attentions (issue 19 item 9);
+#               bench/attention.py --device cuda: PrefixGroups vs one dense masked attention, under the pin
 #   decode      CUDA-graph decode at batch 1 / 64 / 512 on the three shapes: tokens/s, GB/s, graph captures
 #               per call and their time, kept vs. captured again per call (issue 19 items 1, 3, 6, 7, 8)
 #   kernel      bench/kernel.py --shape gpu: the fused LM-head logprob kernel vs eager / torch.compile
@@ -47,7 +48,7 @@ SUMMARY="$OUT/summary.txt"
 STEPS=(
   "setup|30|$PY -m pip install --no-index --no-deps bench/wheels/*.whl -q; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
   "tests-gpu|75|$PY -m pytest -q -m gpu tests/ -p no:cacheprovider"
-  "sdpa|40|$PY bench/decode.py --sdp --presets qwen2.5-0.5b"
+  "sdpa|45|$PY bench/decode.py --sdp --presets qwen2.5-0.5b; $PY bench/attention.py --device cuda"
   "decode|100|$PY bench/decode.py --batches 1 64 512"
   "kernel|80|$PY bench/kernel.py --shape gpu --reps 10 --json $OUT/kernel.json"
   "step|80|$PY bench/step.py --device cuda --model random:qwen2.5-0.5b --task arith --only nanorl --prompts 16 --samples 8 --max-new-tokens 256 --steps 3"
