@@ -42,18 +42,19 @@ WHEELS=(gguf)                       # what the image lacks and nanorl imports
 TOTAL=450                           # seconds for all steps together
 if [ $DRY = 1 ]; then OUT=${OUT:-'$OUT'}; TMP='$TMP'; else
   OUT=${OUT:-$(mktemp -d /tmp/nanorl-gpu-XXXX)}; TMP=$(mktemp -d /tmp/nanorl-gpu-work-XXXX); mkdir -p "$OUT"; fi
+SITE=$TMP/site                      # the carried wheels install here, not into the image's python
 LOG="$OUT/gpu.log"
 SUMMARY="$OUT/summary.txt"
 
 STEPS=(
-  "setup|30|$PY -m pip install --no-index --no-deps bench/wheels/*.whl -q; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
+  "setup|30|$PY -m pip install --no-index --no-deps --target $SITE bench/wheels/*.whl -q; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__, torch.cuda.get_device_name())'"
   "tests-gpu|75|$PY -m pytest -q -m gpu tests/ -p no:cacheprovider"
   "sdpa|45|$PY bench/decode.py --sdp --presets qwen2.5-0.5b; $PY bench/attention.py --device cuda"
   "decode|100|$PY bench/decode.py --batches 1 64 512"
   "kernel|80|$PY bench/kernel.py --shape gpu --reps 10 --json $OUT/kernel.json"
   "step|80|$PY bench/step.py --device cuda --model random:qwen2.5-0.5b --task arith --only nanorl --prompts 16 --samples 8 --max-new-tokens 256 --steps 3"
   "mfu|50|$PY bench/mfu.py --device cuda"
-  "torchrun|70|for b in nccl gloo; do echo \"backend \$b\"; NANORL_DIST_BACKEND=\$b $PY -m torch.distributed.run --standalone --nproc_per_node=2 train.py --algo dapo --steps 2 --prompts-per-step 8 -n 4 --max-new-tokens 16 --eval-n 8 --warm-start-steps 0 --reward-fn tests/reward_fns.py:varied --progress false --out $TMP/ddp-\$b && break; done"
+  "torchrun|70|for b in nccl gloo; do echo \"backend \$b\"; NANORL_DIST_BACKEND=\$b timeout -k 5 33 $PY -m torch.distributed.run --standalone --nproc_per_node=2 train.py --algo dapo --steps 2 --prompts-per-step 8 -n 4 --max-new-tokens 16 --eval-n 8 --warm-start-steps 0 --reward-fn tests/reward_fns.py:varied --progress false --dist-timeout 30 --out $TMP/ddp-\$b && break; done"
   "default|100|$PY train.py --progress false --out $TMP/default && cp $TMP/default/summary.json $OUT/default-summary.json && cat $OUT/default-summary.json"
   "tests-cpu|40|CUDA_VISIBLE_DEVICES= $PY -m pytest -q tests/test_gpu_emulated.py -p no:cacheprovider"
 )
@@ -83,7 +84,7 @@ if [ $DRY = 1 ]; then
   exit $status
 fi
 
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$SITE
 START=$SECONDS
 : >"$SUMMARY"
 for s in "${STEPS[@]}"; do

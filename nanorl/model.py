@@ -297,13 +297,14 @@ class KVCache:
             self.start = self.start[keep]
         return keep
 
-    def view(self, rows, slots):
-        """A cache over the first `rows` rows and `slots` slots of this one's tensors (shared, not copied),
-        the same write position; static (fixed shapes) for a captured decode step."""
+    def view(self, rows, slots, static=True):
+        """A cache over rows `rows` (the first that many, or a slice) and the first `slots` slots of this one's
+        tensors (shared, not copied) at the same write position; static (fixed shapes) for a captured decode step."""
+        rows = rows if isinstance(rows, slice) else slice(0, rows)
         out = object.__new__(KVCache)
         out.__dict__.update(self.__dict__)
-        out.k, out.v = [k[:rows, :, :slots] for k in self.k], [v[:rows, :, :slots] for v in self.v]
-        out.start, out.key_idx, out.max_len, out.static = self.start[:rows], self.key_idx[:slots], slots, True
+        out.k, out.v = [k[rows, :, :slots] for k in self.k], [v[rows, :, :slots] for v in self.v]
+        out.start, out.key_idx, out.max_len, out.static = self.start[rows], self.key_idx[:slots], slots, static
         return out
 
     def select(self, rows):

@@ -124,6 +124,9 @@ def inverse_cdf(p, u, block=1024):
     return (j * block + k).clamp(max=V - 1)
 
 
+PREFILL_MASK_ELEMS = 1 << 28  # the most attention-mask elements one prefill forward builds (512 MB of bf16)
+
+
 class _StaticStep:
     """One decode step of fixed shapes for a fixed batch size: the cache attends over all its slots under
     the mask and the write position advances on the device, so the step has no Python-side state. On CUDA
@@ -303,7 +306,19 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
             ids[i, Lp - len(p):] = torch.tensor(p)
         cache = model.new_cache(P, Lp if graphs else S)
         cache.start.copy_((Lp - lens).to(device))
-        h = model.hidden(ids.to(device), kv_cache=cache)[:, -1]
+        # a padded prefill's mask has P x group x Lp^2 elements (15 GB of bf16 for Qwen2.5-0.5B's group of 7 at
+        # 256 prompts x 2048 tokens): the prompts go through in chunks that bound it (rows are independent)
+        per = max(1, PREFILL_MASK_ELEMS // (cache.group * Lp * Lp))
+        if per >= P:
+            h = model.hidden(ids.to(device), kv_cache=cache)[:, -1]
+        else:
+            hs = []
+            for s in range(0, P, per):
+                part = cache.view(slice(s, s + per), cache.max_len, static=False)
+                part.pos_t = part.pos_t.clone()  # each chunk writes the same slots, from the same position
+                hs.append(model.hidden(ids[s:s + per].to(device), kv_cache=part)[:, -1])
+            cache.end(Lp)
+            h = torch.cat(hs)
         logits = lm_logits(h, model.lm_head_weight)  # only the last position needs the LM head
         stats["prefill_calls"] = stats.get("prefill_calls", 0) + 1
 

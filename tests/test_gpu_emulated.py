@@ -88,6 +88,23 @@ def test_kv_mask_is_aligned_and_broadcast(hf_ckpts):
     assert m.shape == (3, 1, 2, 6) and m.stride(2) == 0 and m.stride(1) % 16 == 0 and m.stride(0) % 16 == 0
 
 
+@pytest.mark.parametrize("graph", [False, True])
+def test_prefill_in_chunks_bounds_the_mask(hf_ckpts, monkeypatch, graph):
+    """Item 8: a padded prefill's mask is P x group x Lp^2 elements (GBs at 256 prompts x 2048 tokens); the
+    prompts go through in chunks under a budget, with the numbers of one prefill."""
+    import nanorl.sampler as S
+
+    model = load_model(hf_ckpts["llama"])
+    kw = dict(n=2, max_new_tokens=6, temperature=1.0, seed=2, cuda_graph=graph)
+    ref = generate(model, PROMPTS, **kw)
+    sizes = []
+    real = model.hidden
+    monkeypatch.setattr(model, "hidden", lambda ids, *a, **k: sizes.append(ids.shape) or real(ids, *a, **k))
+    monkeypatch.setattr(S, "PREFILL_MASK_ELEMS", 2 * 7 * 7 * 2)  # two prompts of 7 tokens, group 2
+    _same(generate(model, PROMPTS, **kw), ref)
+    assert [tuple(x) for x in sizes if x[1] > 1] == [(2, 7), (2, 7)]
+
+
 def test_prefill_without_padding_needs_no_mask(hf_ckpts):
     """Item 8: a prefill of equal-length prompts is plain causal attention (no mask, so flash on CUDA)."""
     model = load_model(hf_ckpts["llama"])
