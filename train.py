@@ -381,7 +381,7 @@ def update(wrapped, policy, ref, batch, args, cfg, pad_id, device, ctl, tracker,
             opt.zero_grad(set_to_none=True)
             metrics["grad_norm"] = float(norm)
     for k, x in sums.items():  # each micro-batch's metric is its share of the mini-batch: sum, then average
-        x = D.all_reduce(torch.as_tensor(x).clone(), "max" if k.endswith("_max") else "sum")
+        x = D.all_reduce(torch.as_tensor(x, device=device).clone(), "max" if k.endswith("_max") else "sum")
         metrics[k] = float(x) / (1 if k.endswith("_max") else n_updates)
     if "kl" in metrics and not skipped:  # a non-finite step must not poison the controllers
         ctl["kl"].update(metrics["kl"], args.prompts_per_step * G)
