@@ -66,7 +66,11 @@ def parse_args(argv=None):
     p.add_argument("--algo", default="grpo", help=f"preset: {', '.join(algos.PRESETS)}")
     p.add_argument("--model", default="tiny", help="HF directory, .gguf file, 'tiny' or 'smollm2-135m'")
     p.add_argument("--task", default="arith", help="arith | countdown | gsm8k | math | rg:NAME")
-    p.add_argument("--data", default=None, help="data file/dir for gsm8k, math, and the dpo/ipo pairs jsonl")
+    p.add_argument("--data", default=None, help="gsm8k / math data: .jsonl, .parquet (verl's too), a save_to_disk "
+                   "dir or a dir with train.jsonl; the dpo/ipo pairs jsonl")
+    p.add_argument("--prompt-key", default=None, help="the data's prompt field (default: the task's, else verl's prompt)")
+    p.add_argument("--answer-key", default=None, help="the data's answer field, dotted if nested (default: the task's, "
+                   "else reward_model.ground_truth)")
     p.add_argument("--reward-fn", default=None, help="module:function or file.py:function replacing the task reward")
     p.add_argument("--chat", default=None, type=_parse_value(bool), help="use the chat template (default: not for tiny)")
     p.add_argument("--reward-timeout", type=float, default=10.0, help="seconds a reward call may take before it scores 0")
@@ -225,7 +229,8 @@ def sft_steps(model, tok, task, args, device, steps, lr, log=None, desc="warm st
 def warm_start(model, tok, task, args, device, log):
     """Run (or load from the cache) the supervised warm start; the cache key covers everything it depends on."""
     key = json.dumps(["v1", args.model, args.task, args.data, args.chat, args.seed, args.warm_start_steps,
-                      args.warm_start_lr, args.warmup_steps, args.prompts_per_step, args.cfg.group_size, D.world_size()])
+                      args.warm_start_lr, args.warmup_steps, args.prompts_per_step, args.cfg.group_size, D.world_size()]
+                     + ([args.prompt_key, args.answer_key] if args.prompt_key or args.answer_key else []))
     cache = os.path.join(os.environ.get("NANORL_CACHE", os.path.expanduser("~/.cache/nanorl")),
                          "warm-" + hashlib.sha256(key.encode()).hexdigest()[:16])
     if os.path.isfile(os.path.join(cache, "model.safetensors")):
@@ -514,7 +519,8 @@ def main(argv=None):
         _summary(args.out, acc_before=acc_before, acc_after=acc_after, steps=steps, seconds=round(secs, 1), algo=cfg.name)
         log(f"held-out preference accuracy: before {acc_before:.3f} -> after {acc_after:.3f}")
         return 0
-    task = make_task(args.task, data=args.data, seed=args.seed, reward_fn=args.reward_fn)
+    task = make_task(args.task, data=args.data, seed=args.seed, reward_fn=args.reward_fn, prompt_key=args.prompt_key,
+                     answer_key=args.answer_key)
     eval_examples = task.eval_examples(args.eval_n)
     init_dir = os.path.join(args.out, "init")  # the warm-started model: the RL start and the KL reference
     model = load_model(init_dir if saved and args.warm_start_steps else args.model, device=device, seed=args.seed)
