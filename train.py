@@ -34,6 +34,7 @@ from nanorl.checkpoint import atomic_file, latest_state, load_state, save_state
 from nanorl.model import config_summary, load_model
 from nanorl.policy import Policy, autocast, collate, forward_all, token_matrix
 from nanorl.preference import train_preference
+from nanorl.reward_model import make_scorer
 from nanorl.sampler import generate
 from nanorl.tasks import make_task, score
 from nanorl.tokenizer import load_tokenizer
@@ -74,6 +75,14 @@ def parse_args(argv=None):
     p.add_argument("--reward-fn", default=None, help="module:function or file.py:function replacing the task reward")
     p.add_argument("--chat", default=None, type=_parse_value(bool), help="use the chat template (default: not for tiny)")
     p.add_argument("--reward-timeout", type=float, default=10.0, help="seconds a reward call may take before it scores 0")
+    # learned rewards (nanorl/reward_model.py): reward = task reward + weight * learned reward
+    p.add_argument("--reward-model", default=None, help="HF *ForSequenceClassification dir (score head, num_labels=1)")
+    p.add_argument("--reward-model-weight", type=float, default=1.0)
+    p.add_argument("--reward-model-norm", default="none", choices=("none", "sigmoid", "batch"),
+                   help="raw score, sigmoid(score), or z-score over each scored batch")
+    p.add_argument("--judge-model", default=None, help="any causal LM: reward += weight * P(yes) to --judge-prompt")
+    p.add_argument("--judge-prompt", default=None, help="text file with {completion} (and {question}, {answer})")
+    p.add_argument("--judge-weight", type=float, default=1.0)
     # rollout
     p.add_argument("--prompts-per-step", type=int, default=32, help="prompts per step over all ranks")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 32 for tiny, 256 otherwise")
@@ -249,7 +258,7 @@ def warm_start(model, tok, task, args, device, log):
 # one rollout: sample, score, shape, filter
 
 
-def rollout(sampler_model, tok, task, stream, args, cfg, step):
+def rollout(sampler_model, tok, task, stream, args, cfg, step, scorer=None):
     """Sample until this rank has its share of kept groups (DAPO dynamic sampling) or gives up.
 
     Groups the filter drops are replaced by fresh prompts; if fewer than needed survive after
@@ -268,7 +277,10 @@ def rollout(sampler_model, tok, task, stream, args, cfg, step):
         res = generate(sampler_model, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_p=args.top_p, top_k=args.top_k, stop_ids=tok.eos_ids, seed=seeds)
         t0 = time.time()
-        sc = score(task, [tok.decode(c.tokens) for c in res], [ex for ex in exs for _ in range(G)], args.reward_timeout)
+        texts, rows = [tok.decode(c.tokens) for c in res], [ex for ex in exs for _ in range(G)]
+        sc = score(task, texts, rows, args.reward_timeout)
+        if scorer is not None:  # learned rewards (reward_model.py), added to the task's by weight
+            sc.rewards = scorer(rows, texts, sc.rewards)
         st["score_s"] += time.time() - t0
         st["reward_errors"] += sc.errors
         st["reward_timeouts"] += sc.timeouts
@@ -301,7 +313,8 @@ def rollout(sampler_model, tok, task, stream, args, cfg, step):
         greedy = generate(sampler_model, [g[1] for g in groups], max_new_tokens=args.max_new_tokens, temperature=0,
                           stop_ids=tok.eos_ids)
         texts = [tok.decode(c.tokens) for c in greedy]
-        batch["baseline"] = torch.tensor(score(task, texts, [g[0] for g in groups], args.reward_timeout).rewards)
+        base = score(task, texts, [g[0] for g in groups], args.reward_timeout).rewards
+        batch["baseline"] = torch.tensor(scorer([g[0] for g in groups], texts, base, track=False) if scorer else base)
     return batch
 
 
@@ -535,6 +548,7 @@ def main(argv=None):
                  seconds=round(time.time() - t_start, 1), algo=cfg.name)
         log(f"held-out greedy accuracy: before {acc_before:.3f} -> after SFT {acc_after:.3f}")
         return 0
+    scorer = make_scorer(args, task, tok, device)  # learned rewards, loaded before anything is written
     if args.warm_start_steps and saved is None:
         model = warm_start(model, tok, task, args, device, log)
         if rank == 0:
@@ -602,7 +616,7 @@ def main(argv=None):
         bar = tqdm(total=args.steps, initial=step, desc="rl", dynamic_ncols=True)
     while step < args.steps and stop["signal"] is None:
         t0 = time.time()
-        batch = rollout(sampler_model, tok, task, stream, args, cfg, step)
+        batch = rollout(sampler_model, tok, task, stream, args, cfg, step, scorer)
         t_rollout = time.time() - t0
         metrics = update(wrapped, policy, ref, batch, args, cfg, tok.pad_id, device, ctl, tracker, step, opt)
         bad_steps = bad_steps + 1 if metrics["skipped"] else 0
@@ -623,6 +637,7 @@ def main(argv=None):
                        reward_timeouts=int(tot[8]), skipped_steps=skipped_total, lr=opt.param_groups[0]["lr"],
                        time_sample=t_rollout - st["score_s"], time_score=st["score_s"],
                        tokens_per_s=float(tot[4]) / max(time.time() - t0, 1e-9), seconds=time.time() - t_start)
+        metrics.update(scorer.metrics(device) if scorer else {})
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             metrics["eval_accuracy"] = evaluate(sampler_model, tok, task, args, device, eval_examples)
         _append_metrics(args.out, metrics)
