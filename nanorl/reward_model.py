@@ -28,6 +28,7 @@ stays the task's.
 
 import dataclasses
 import os
+import re
 
 import torch
 
@@ -118,7 +119,9 @@ class Judge:
 
     def prompt(self, question, answer, completion):
         """Token ids of the judge's question about one completion."""
-        text = self.template.replace("{question}", question).replace("{answer}", answer).replace("{completion}", completion)
+        values = {"question": question, "answer": answer, "completion": completion}
+        # one pass: braces in the values (LaTeX, code, a completion that writes "{answer}") stay as they are
+        text = re.sub(r"\{(question|answer|completion)\}", lambda m: values[m.group(1)], self.template)
         if self.tok.chat_template:
             return self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
         return self.tok.encode(text)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import HF_VARIANTS, ROOT, TINY_HF
+from conftest import ROOT, TINY_HF, make_hf_model
 
 from nanorl import UserError
 from nanorl.reward_model import Judge, Scorer, load_judge, load_reward_model
@@ -25,17 +25,8 @@ JUDGE_PROMPT = "Question: {question}\nReference answer: {answer}\nProposed answe
 
 def make_classifier(variant, path, vocab_size=TINY_HF["vocab_size"], num_labels=1, tokenizer=None, seed=0):
     """A tiny random transformers *ForSequenceClassification, saved to path (the independent reference)."""
-    import transformers
-
-    cls_name, extra = HF_VARIANTS[variant]
-    cfg = getattr(transformers, cls_name)(**{**TINY_HF, "vocab_size": vocab_size}, **extra, num_labels=num_labels,
-                                          pad_token_id=0)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForSequenceClassification.from_config(cfg).float().eval()
-    with torch.no_grad():  # random biases and norm weights, so that a missing one shows
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.normal_(1.0 if "norm" in name else 0.0, 0.1)
+    model = make_hf_model(variant, seed, "AutoModelForSequenceClassification", vocab_size=vocab_size,
+                          num_labels=num_labels, pad_token_id=0)
     model.save_pretrained(str(path), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save(str(path))
@@ -140,7 +131,7 @@ def test_judge_probability_equals_transformers(smollm2, smollm2_hf, tmp_path):
     assert (got.double() - torch.tensor(want, dtype=torch.float64)).abs().max() <= 1e-4, (got, want)
 
 
-@pytest.mark.parametrize("judge", ["tiny", "smollm2-135m"])
+@pytest.mark.parametrize("judge", ["tiny", pytest.param("smollm2-135m", marks=pytest.mark.slow)])
 def test_grpo_with_judge_logs_its_probability(tmp_path, judge):
     prompt = tmp_path / "judge.txt"
     prompt.write_text(JUDGE_PROMPT)
@@ -160,5 +151,6 @@ def test_load_judge_reads_the_prompt_file(tmp_path):
     tok = CharTokenizer()
     assert judge.yes == sorted({tok.encode("Y")[0], tok.encode("y")[0]})  # " Yes" starts with " ", as " No" does
     assert tok.decode(judge.prompt("1+1", "2", "3")) == "user: Is 3 the answer to 1+1?\nassistant: "
+    assert tok.decode(judge.prompt("{answer}", "2", "{question}")) == "user: Is {question} the answer to {answer}?\nassistant: "
     with pytest.raises(UserError, match="does not exist"):
         load_judge("tiny", str(tmp_path / "nope.txt"))
