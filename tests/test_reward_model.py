@@ -154,3 +154,23 @@ def test_load_judge_reads_the_prompt_file(tmp_path):
     assert tok.decode(judge.prompt("{answer}", "2", "{question}")) == "user: Is {question} the answer to {answer}?\nassistant: "
     with pytest.raises(UserError, match="does not exist"):
         load_judge("tiny", str(tmp_path / "nope.txt"))
+
+
+@pytest.mark.slow  # a torchrun launch: ~35 s on the loaded 2-core machine
+def test_two_ranks_score_their_shares_like_one(tmp_path):
+    """torchrun with 2 gloo ranks: each scores its own samples; the logged means equal one process's."""
+    import subprocess
+
+    tok = CharTokenizer()
+    make_classifier("llama", tmp_path / "rm", vocab_size=tok.vocab_size, tokenizer=tok)
+    prompt = tmp_path / "judge.txt"
+    prompt.write_text(JUDGE_PROMPT)
+    extra = ["--steps", "1", "--reward-model", str(tmp_path / "rm"), "--judge-model", "tiny", "--judge-prompt", str(prompt)]
+    assert train.main(FAST + extra + ["--out", str(tmp_path / "one")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29517",
+           os.path.join(ROOT, "train.py"), *FAST, *extra, "--out", str(tmp_path / "two")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = ([json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")][0] for d in ("one", "two"))
+    for k in ("reward_model_mean", "judge_mean", "reward_mean"):
+        assert two[k] == pytest.approx(one[k], rel=1e-5, abs=1e-6), k
