@@ -397,7 +397,7 @@ class _FileTask(Task):
             if rows.columns is not None and not any(k.split(".")[0] in rows.columns for k in keys):
                 raise UserError(f"{path}: no column {' or '.join(map(repr, keys))} (columns: {', '.join(rows.columns)}); "
                                 f"pass {flag} COLUMN")
-        return read_examples(path, self.example)
+        return read_examples(path, self.example, rows)
 
     def key(self, rec, keys):
         """The first of keys the record holds (the first one, to name in an error, when it holds none)."""
