@@ -151,3 +151,15 @@ def test_parquet_missing_column_and_bad_files_are_one_line(tmp_path, capsys):
     (d / "dataset_dict.json").write_text(json.dumps({"splits": ["validation"]}))
     assert "no 'train' split" in _one_line_error(capsys, ["--data", str(d), "--out", str(out)])
     assert not out.exists()
+
+
+def test_dpo_pairs_from_parquet_equal_the_jsonl(tmp_path):
+    from nanorl.preference import read_pairs
+
+    rows = [{"prompt": f"{a}+{a}=", "chosen": str(2 * a), "rejected": str(2 * a + 1)} for a in range(5)]
+    write_jsonl(tmp_path / "p.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    assert read_pairs(str(tmp_path / "p.parquet")) == read_pairs(str(tmp_path / "p.jsonl")) == rows
+    pq.write_table(pa.Table.from_pylist(rows[:2] + [{"prompt": "x", "chosen": "", "rejected": "y"}]), tmp_path / "b.parquet")
+    with pytest.raises(UserError, match=r"b\.parquet:row 2: needs non-empty string fields"):
+        read_pairs(str(tmp_path / "b.parquet"))
