@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="tiny", help="HF directory, .gguf file, 'tiny' or 'smollm2-135m'")
     p.add_argument("--task", default="arith", help="arith | countdown | gsm8k | math | rg:NAME")
     p.add_argument("--data", default=None, help="gsm8k / math data: .jsonl, .parquet (verl's too), a save_to_disk "
-                   "dir or a dir with train.jsonl; the dpo/ipo pairs jsonl")
+                   "dir or a dir with train.jsonl; the dpo/ipo pairs")
     p.add_argument("--prompt-key", default=None, help="the data's prompt field (default: the task's, else verl's prompt)")
     p.add_argument("--answer-key", default=None, help="the data's answer field, dotted if nested (default: the task's, "
                    "else reward_model.ground_truth)")
