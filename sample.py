@@ -31,6 +31,8 @@ def parse_args(argv=None):
     p.add_argument("--task", default=None, help="evaluate on a task's held-out split (with --eval)")
     p.add_argument("--eval", action="store_true", help="report held-out accuracy and pass@k on --task")
     p.add_argument("--data", default=None, help="data file for tasks that read one (gsm8k, math)")
+    p.add_argument("--prompt-key", default=None, help="the data's prompt field (default: the run's, else the task's)")
+    p.add_argument("--answer-key", default=None, help="the data's answer field (default: the run's, else the task's)")
     p.add_argument("--eval-n", type=int, default=200, help="held-out prompts to evaluate")
     # sampling
     p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per prompt")
@@ -105,7 +107,7 @@ def run_eval(args, model, tok):
     from nanorl.sampler import generate
     from nanorl.tasks import make_task, score
 
-    task = make_task(args.task, data=args.data)
+    task = make_task(args.task, data=args.data, prompt_key=args.prompt_key, answer_key=args.answer_key)
     exs = task.eval_examples(args.eval_n)
     n = args.num_samples
     temperature = args.temperature if args.temperature is not None else (0.0 if n == 1 else 1.0)
@@ -144,6 +146,8 @@ def main(argv=None):
             run = json.load(f)
     args.chat = run.get("chat", False) if args.chat is None else args.chat
     args.max_new_tokens = args.max_new_tokens or run.get("max_new_tokens", 128)
+    if run.get("task") == args.task:  # the run's field names for its own data
+        args.prompt_key, args.answer_key = args.prompt_key or run.get("prompt_key"), args.answer_key or run.get("answer_key")
     model, tok = load(args)
     return run_eval(args, model, tok) if args.eval else run_prompt(args, model, tok)
 

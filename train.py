@@ -33,6 +33,7 @@ from nanorl.checkpoint import atomic_file, latest_state, load_state, save_state
 from nanorl.model import config_summary, load_model
 from nanorl.policy import Policy, autocast, collate, forward_all, token_matrix
 from nanorl.preference import train_preference
+from nanorl.reward_model import make_scorer
 from nanorl.sampler import generate
 from nanorl.tasks import make_task, score
 from nanorl.tokenizer import load_tokenizer
@@ -65,10 +66,22 @@ def parse_args(argv=None):
     p.add_argument("--algo", default="grpo", help=f"preset: {', '.join(algos.PRESETS)}")
     p.add_argument("--model", default="tiny", help="HF directory, .gguf file, 'tiny' or 'smollm2-135m'")
     p.add_argument("--task", default="arith", help="arith | countdown | gsm8k | math | rg:NAME")
-    p.add_argument("--data", default=None, help="data file/dir for gsm8k, math, and the dpo/ipo pairs jsonl")
+    p.add_argument("--data", default=None, help="gsm8k / math data: .jsonl, .parquet (verl's too), a save_to_disk "
+                   "dir or a dir with train.jsonl; the dpo/ipo pairs")
+    p.add_argument("--prompt-key", default=None, help="the data's prompt field (default: the task's, else verl's prompt)")
+    p.add_argument("--answer-key", default=None, help="the data's answer field, dotted if nested (default: the task's, "
+                   "else reward_model.ground_truth)")
     p.add_argument("--reward-fn", default=None, help="module:function or file.py:function replacing the task reward")
     p.add_argument("--chat", default=None, type=_parse_value(bool), help="use the chat template (default: not for tiny)")
     p.add_argument("--reward-timeout", type=float, default=10.0, help="seconds a reward call may take before it scores 0")
+    # learned rewards (nanorl/reward_model.py): reward = task reward + weight * learned reward
+    p.add_argument("--reward-model", default=None, help="HF *ForSequenceClassification dir (score head, num_labels=1)")
+    p.add_argument("--reward-model-weight", type=float, default=1.0)
+    p.add_argument("--reward-model-norm", default="none", choices=("none", "sigmoid", "batch"),
+                   help="raw score, sigmoid(score), or z-score over each scored batch")
+    p.add_argument("--judge-model", default=None, help="any causal LM: reward += weight * P(yes) to --judge-prompt")
+    p.add_argument("--judge-prompt", default=None, help="text file with {completion} (and {question}, {answer})")
+    p.add_argument("--judge-weight", type=float, default=1.0)
     # rollout
     p.add_argument("--prompts-per-step", type=int, default=32, help="prompts per step over all ranks")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 32 for tiny, 256 otherwise")
@@ -224,7 +237,8 @@ def sft_steps(model, tok, task, args, device, steps, lr, log=None, desc="warm st
 def warm_start(model, tok, task, args, device, log):
     """Run (or load from the cache) the supervised warm start; the cache key covers everything it depends on."""
     key = json.dumps(["v1", args.model, args.task, args.data, args.chat, args.seed, args.warm_start_steps,
-                      args.warm_start_lr, args.warmup_steps, args.prompts_per_step, args.cfg.group_size, D.world_size()])
+                      args.warm_start_lr, args.warmup_steps, args.prompts_per_step, args.cfg.group_size, D.world_size()]
+                     + ([args.prompt_key, args.answer_key] if args.prompt_key or args.answer_key else []))
     cache = os.path.join(os.environ.get("NANORL_CACHE", os.path.expanduser("~/.cache/nanorl")),
                          "warm-" + hashlib.sha256(key.encode()).hexdigest()[:16])
     if os.path.isfile(os.path.join(cache, "model.safetensors")):
@@ -243,7 +257,7 @@ def warm_start(model, tok, task, args, device, log):
 # one rollout: sample, score, shape, filter
 
 
-def rollout(sampler_model, tok, task, stream, args, cfg, step):
+def rollout(sampler_model, tok, task, stream, args, cfg, step, scorer=None):
     """Sample until this rank has its share of kept groups (DAPO dynamic sampling) or gives up.
 
     Groups the filter drops are replaced by fresh prompts; if fewer than needed survive after
@@ -262,7 +276,10 @@ def rollout(sampler_model, tok, task, stream, args, cfg, step):
         res = generate(sampler_model, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                        top_p=args.top_p, top_k=args.top_k, stop_ids=tok.eos_ids, seed=seeds)
         t0 = time.time()
-        sc = score(task, [tok.decode(c.tokens) for c in res], [ex for ex in exs for _ in range(G)], args.reward_timeout)
+        texts, rows = [tok.decode(c.tokens) for c in res], [ex for ex in exs for _ in range(G)]
+        sc = score(task, texts, rows, args.reward_timeout)
+        if scorer is not None:  # learned rewards (reward_model.py), added to the task's by weight
+            sc.rewards = scorer(rows, texts, sc.rewards)
         st["score_s"] += time.time() - t0
         st["reward_errors"] += sc.errors
         st["reward_timeouts"] += sc.timeouts
@@ -295,7 +312,8 @@ def rollout(sampler_model, tok, task, stream, args, cfg, step):
         greedy = generate(sampler_model, [g[1] for g in groups], max_new_tokens=args.max_new_tokens, temperature=0,
                           stop_ids=tok.eos_ids)
         texts = [tok.decode(c.tokens) for c in greedy]
-        batch["baseline"] = torch.tensor(score(task, texts, [g[0] for g in groups], args.reward_timeout).rewards)
+        base = score(task, texts, [g[0] for g in groups], args.reward_timeout).rewards
+        batch["baseline"] = torch.tensor(scorer([g[0] for g in groups], texts, base, track=False) if scorer else base)
     return batch
 
 
@@ -513,7 +531,8 @@ def main(argv=None):
         _summary(args.out, acc_before=acc_before, acc_after=acc_after, steps=steps, seconds=round(secs, 1), algo=cfg.name)
         log(f"held-out preference accuracy: before {acc_before:.3f} -> after {acc_after:.3f}")
         return 0
-    task = make_task(args.task, data=args.data, seed=args.seed, reward_fn=args.reward_fn)
+    task = make_task(args.task, data=args.data, seed=args.seed, reward_fn=args.reward_fn, prompt_key=args.prompt_key,
+                     answer_key=args.answer_key)
     eval_examples = task.eval_examples(args.eval_n)
     init_dir = os.path.join(args.out, "init")  # the warm-started model: the RL start and the KL reference
     model = load_model(init_dir if saved and args.warm_start_steps else args.model, device=device, seed=args.seed)
@@ -528,6 +547,7 @@ def main(argv=None):
                  seconds=round(time.time() - t_start, 1), algo=cfg.name)
         log(f"held-out greedy accuracy: before {acc_before:.3f} -> after SFT {acc_after:.3f}")
         return 0
+    scorer = make_scorer(args, task, tok, device)  # learned rewards, loaded before anything is written
     if args.warm_start_steps and saved is None:
         model = warm_start(model, tok, task, args, device, log)
         if rank == 0:
@@ -595,7 +615,7 @@ def main(argv=None):
         bar = tqdm(total=args.steps, initial=step, desc="rl", dynamic_ncols=True)
     while step < args.steps and stop["signal"] is None:
         t0 = time.time()
-        batch = rollout(sampler_model, tok, task, stream, args, cfg, step)
+        batch = rollout(sampler_model, tok, task, stream, args, cfg, step, scorer)
         t_rollout = time.time() - t0
         metrics = update(wrapped, policy, ref, batch, args, cfg, tok.pad_id, device, ctl, tracker, step, opt)
         bad_steps = bad_steps + 1 if metrics["skipped"] else 0
@@ -616,6 +636,7 @@ def main(argv=None):
                        reward_timeouts=int(tot[8]), skipped_steps=skipped_total, lr=opt.param_groups[0]["lr"],
                        time_sample=t_rollout - st["score_s"], time_score=st["score_s"],
                        tokens_per_s=float(tot[4]) / max(time.time() - t0, 1e-9), seconds=time.time() - t_start)
+        metrics.update(scorer.metrics(device) if scorer else {})
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             metrics["eval_accuracy"] = evaluate(sampler_model, tok, task, args, device, eval_examples)
         _append_metrics(args.out, metrics)

@@ -545,6 +545,11 @@ def build_model(cfg: ModelConfig, state: dict, dtype=None, device=None, where="c
 
 
 def _load_hf_dir(path, dtype, device):
+    return build_model(*read_hf_dir(path, dtype), _to_dtype(dtype) or torch.float32, device, where=path)
+
+
+def read_hf_dir(path, dtype=None):
+    """(ModelConfig, {name without "model.": tensor in dtype}) of an HF directory; heads (lm_head, score) included."""
     from safetensors import SafetensorError, safe_open
 
     cfg_path = os.path.join(path, "config.json")
@@ -577,7 +582,7 @@ def _load_hf_dir(path, dtype, device):
                     state[key.removeprefix("model.")] = f.get_tensor(key).to(target)
         except SafetensorError as e:
             raise UserError(f"{fpath}: unreadable safetensors file ({e}); the file is truncated or corrupt, re-download it") from None
-    return build_model(cfg, state, target, device, where=path)
+    return cfg, state
 
 
 def smollm2_gguf_path():

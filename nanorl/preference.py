@@ -1,4 +1,4 @@
-"""Offline preference optimisation (--algo dpo | ipo): a jsonl of {prompt, chosen, rejected} pairs.
+"""Offline preference optimisation (--algo dpo | ipo): a jsonl / parquet of {prompt, chosen, rejected} pairs.
 
 The loss pieces (DPO 2305.18290, IPO 2310.12036, conservative/robust DPO, length-normalised and SimPO
 variants) are in nanorl/losses_offline.py; this file is the small loop around them: the reference is a
@@ -6,33 +6,26 @@ frozen copy of the initial policy, the last 10% of the pairs (at most 200) are h
 """
 
 import copy
-import json
 import os
 import time
 
 import torch
 
 from nanorl import UserError, algos
+from nanorl.data import read_rows, splits
 from nanorl.policy import Policy, autocast, collate
 
 
 def read_pairs(path):
-    """Rows {prompt, chosen, rejected} of a jsonl file; one clear error naming the line otherwise."""
-    if not path or not os.path.isfile(path):
-        raise UserError(f"--data {path!r}: dpo/ipo need a jsonl file of {{prompt, chosen, rejected}} pairs")
+    """Rows {prompt, chosen, rejected} of a data file (jsonl, parquet or save_to_disk: nanorl/data.py); one clear
+    error naming the line otherwise. A directory's train split is read; the held-out pairs are its tail."""
+    if not path or not os.path.exists(path):
+        raise UserError(f"--data {path!r}: dpo/ipo need a jsonl (or parquet) file of {{prompt, chosen, rejected}} pairs")
     rows = []
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise UserError(f"{path}:{i}: not a valid UTF-8 JSON line ({e}); fix or delete the line") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k] for k in
-                                                    ("prompt", "chosen", "rejected")):
-                raise UserError(f"{path}:{i}: needs non-empty string fields prompt, chosen, rejected")
-            rows.append(row)
+    for row, where in read_rows(splits(path)[0]).rows:
+        if not all(isinstance(row.get(k), str) and row[k] for k in ("prompt", "chosen", "rejected")):
+            raise UserError(f"{where}: needs non-empty string fields prompt, chosen, rejected")
+        rows.append(row)
     if len(rows) < 2:
         raise UserError(f"{path}: needs at least 2 pairs (one is held out for evaluation)")
     return rows

@@ -1,6 +1,6 @@
 """Tasks: training prompts, a held-out split and a verifiable reward for each of them.
 
-    make_task(name, data=None, seed=0, reward_fn=None) -> Task
+    make_task(name, data=None, seed=0, reward_fn=None, prompt_key=None, answer_key=None) -> Task
     name: arith[:digits=2,ops=+,terms=2,worked=0.5] | countdown[:n=3,max_num=99,max_target=100] | gsm8k | math
           | rg:NAME[:key=value,...] (any reasoning-gym dataset, options go to its config)
 
@@ -22,14 +22,15 @@ countdown  TinyZero's task (Jiayi Pan, TinyZero countdown.py): reach the target 
            + - * /, unary minus, parentheses; exact Fractions; at most 128 characters; anything else, ** and
            names included, is invalid). Every target is reachable: it is built from a random expression.
            Format: the extracted expression parses. Held out by hash of (numbers, target).
-gsm8k      --data: a .jsonl with question/answer (final answer after "####") or a directory with
-           train.jsonl [+ test.jsonl]; default ../shared/data/gsm8k next to the repo.
+gsm8k      --data (any layout of nanorl/data.py: jsonl, parquet, save_to_disk): question/answer (final
+           answer after "####"), or verl's prompt/reward_model.ground_truth; default ../shared/data/gsm8k.
            raw "Question: Q\\nAnswer:\\n" -> the dataset's worked answer ending "#### 72"; chat: Q + "...
            final answer after '####'". Extraction (after cutting the completion at a hallucinated
            "\\nQuestion:"): the number after the last "####", else the last number; commas, "$",
            spaces, a final "." are dropped; numeric compare (1e-6 relative). Format: "####" + a number.
-math       --data: jsonl with problem and answer, or a solution with \\boxed{} (the last one is the
-           answer). raw "Problem: P\\nSolution:\\n"; chat: P + "put your final answer within \\boxed{}".
+math       --data: problem and answer (or verl's prompt/reward_model.ground_truth), or a solution with
+           \\boxed{} (the last one is the answer). raw "Problem: P\\nSolution:\\n"; chat: P + "put your final
+           answer within \\boxed{}".
            Graded by math-verify: verify(parse("$gold$"), parse(last \\boxed{} of the completion, else all
            of it)). Format: a \\boxed{} present.
 rg:NAME    reasoning_gym.create_dataset(NAME): question/answer of its entries, graded by the dataset's
@@ -40,7 +41,9 @@ rg:NAME    reasoning_gym.create_dataset(NAME): question/answer of its entries, g
 
 Files without a test split hold out their last 10% (at most 500) lines. Solutions (Example.solution,
 for supervised warm starts) are the bare answer for countdown/rg, bare or worked for arith, the worked
-solution for gsm8k/math. A bad data line is a UserError "PATH:LINE: problem; fix". --reward-fn module:function or
+solution for gsm8k/math. A bad data line is a UserError "PATH:LINE: problem; fix". --prompt-key /
+--answer-key name other fields (dotted for nested ones); a prompt that is a list of chat messages is
+rendered as is in chat mode (no instruction added). --reward-fn module:function or
 path/file.py:function replaces reward() with fn(completion, example) -> float, run sandboxed (rewards.py).
 """
 
@@ -48,7 +51,6 @@ import ast
 import dataclasses
 import difflib
 import hashlib
-import json
 import os
 import random
 import re
@@ -57,6 +59,9 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from nanorl import UserError
+from nanorl.data import field as get_field
+from nanorl.data import prompt_of, read_examples, read_rows, splits
+from nanorl.data import text as _text
 from nanorl.rewards import OPS, ScoreResult, load_reward_fn, safe_eval, score  # noqa: F401  (tasks.score etc.)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,9 +190,12 @@ class Task:
         """chat=False: a completion-style prompt for base/tiny models; chat=True: the rendered chat template."""
         if not chat:
             return self.raw_prompt(ex)
+        return tok.apply_chat_template(self.messages(ex), add_generation_prompt=True)
+
+    def messages(self, ex):
+        """The chat messages of the prompt (what chat=True renders; reward models and judges see them too)."""
         msgs = [{"role": "system", "content": self.system}] if self.system else []
-        msgs.append({"role": "user", "content": ex.question + self.instruction})
-        return tok.apply_chat_template(msgs, add_generation_prompt=True)
+        return msgs + [{"role": "user", "content": ex.question + self.instruction}]
 
 
 class _Procedural(Task):
@@ -358,69 +366,24 @@ class CountdownTask(_Procedural):
 
 # ------------------------------------------------------------------------------------------- data files
 
-def read_jsonl(path, make):
-    """[make(record, 'PATH:LINE')] over a jsonl file; every problem is a UserError naming PATH:LINE."""
-    if not os.path.isfile(path):
-        raise UserError(f"data file {path} does not exist; pass --data PATH (a .jsonl file or a directory with train.jsonl)")
-    out, ids = [], {}
-    with open(path, "rb") as f:
-        for ln, raw in enumerate(f, 1):
-            where = f"{path}:{ln}"
-            try:
-                line = raw.decode("utf-8-sig" if ln == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"{where}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
-                                "re-save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); fix or delete the line") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{where}: expected a JSON object, got {type(rec).__name__}; one object per line")
-            ex = make(rec, where)
-            ex.meta["where"] = where  # so later checks (prompt too long) can name the line
-            if "id" in rec:
-                ex.id = str(rec["id"])
-                if ex.id in ids:
-                    raise UserError(f"{where}: duplicate id {ex.id!r} (also on line {ids[ex.id]}); make the ids unique")
-                ids[ex.id] = ln
-            else:
-                ex.id = f"{os.path.basename(path)}:{ln}"
-            out.append(ex)
-    if not out:
-        raise UserError(f"{path}: no examples in the file; pass a jsonl with one JSON object per line")
-    return out
-
-
-def _text(rec, key, where, hint):
-    v = rec.get(key)
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        v = str(v)
-    if not isinstance(v, str):
-        raise UserError(f"{where}: {'missing' if v is None else 'non-text'} field {key!r}; {hint}")
-    if not v.strip():
-        raise UserError(f"{where}: empty {key!r}; fill it in or delete the line")
-    return v
-
-
 class _FileTask(Task):
-    """Examples from a jsonl file or a directory with train.jsonl [+ test.jsonl]."""
-    fields = ""  # for messages
+    """Examples from a data file or directory (data.splits); fields found by prompt_keys / answer_keys.
 
-    def __init__(self, spec, data, seed):
+    The first key a record has is used: the task's own field name, then verl's. --prompt-key and
+    --answer-key replace the list with one (dotted) key.
+    """
+    fields = ""  # for messages
+    prompt_keys, answer_keys = ("question", "prompt"), ("answer", "reward_model.ground_truth")
+
+    def __init__(self, spec, data, seed, prompt_key=None, answer_key=None):
         if spec:
             raise UserError(f"the {self.name} task takes no options (got {spec!r}); pass the data with --data PATH")
+        self.prompt_keys = (prompt_key,) if prompt_key else self.prompt_keys
+        self.answer_keys = (answer_key,) if answer_key else self.answer_keys
         data = data or self.default_data()
-        if os.path.isdir(data):
-            test = os.path.join(data, "test.jsonl")
-            if not os.path.isfile(os.path.join(data, "train.jsonl")):
-                raise UserError(f"{data}: no train.jsonl in the directory; pass a .jsonl file or a directory with train.jsonl [and test.jsonl]")
-            self.train = read_jsonl(os.path.join(data, "train.jsonl"), self.example)
-            self.heldout = read_jsonl(test, self.example) if os.path.isfile(test) else None
-        else:
-            self.train, self.heldout = read_jsonl(data, self.example), None
+        train, test = splits(data)
+        self.train = self.read(train)
+        self.heldout = self.read(test) if test else None
         if self.heldout is None:  # hold out the file's tail: the last 10%, at most 500 examples
             k = max(1, min(500, len(self.train) // 10))
             if len(self.train) < 2:
@@ -428,8 +391,29 @@ class _FileTask(Task):
             self.train, self.heldout = self.train[:-k], self.train[-k:]
         self.seed, self.n_train, self._perm = seed, len(self.train), (None, None)
 
+    def read(self, path):
+        rows = read_rows(path)
+        for keys, flag in ((self.prompt_keys, "--prompt-key"), (self.answer_keys, "--answer-key")):
+            if rows.columns is not None and not any(k.split(".")[0] in rows.columns for k in keys):
+                raise UserError(f"{path}: no column {' or '.join(map(repr, keys))} (columns: {', '.join(rows.columns)}); "
+                                f"pass {flag} COLUMN")
+        return read_examples(path, self.example, rows)
+
+    def key(self, rec, keys):
+        """The first of keys the record holds (the first one, to name in an error, when it holds none)."""
+        return next((k for k in keys if get_field(rec, k) is not None), keys[0])
+
+    def question(self, rec, where):
+        """(question, chat messages or None) from the prompt field: a text or verl's list of messages."""
+        key = self.key(rec, self.prompt_keys)
+        q, msgs = prompt_of(get_field(rec, key), where, key)
+        return _text({key: q}, key, where, f"{self.name} rows need {self.fields}, or pass --prompt-key NAME"), msgs
+
     def default_data(self):
         raise UserError(f"the {self.name} task needs --data PATH: a jsonl with {self.fields} (or a directory with train.jsonl)")
+
+    def messages(self, ex):
+        return ex.meta.get("messages") or super().messages(ex)
 
     def train_example(self, i):
         epoch, j = divmod(i, self.n_train)
@@ -452,12 +436,14 @@ class GSM8KTask(_FileTask):
         return os.path.normpath(path) if os.path.isdir(path) else super().default_data()
 
     def example(self, rec, where):
-        q = _text(rec, "question", where, "gsm8k lines need 'question' and 'answer'")
-        a = _text(rec, "answer", where, "gsm8k lines need 'question' and 'answer'")
+        q, msgs = self.question(rec, where)
+        a = _text(rec, self.key(rec, self.answer_keys), where, "gsm8k rows need 'question' and 'answer' (or pass "
+                  "--prompt-key / --answer-key)")
         final = a.rsplit("####", 1)[-1].strip()
         if to_number(final) is None:
             raise UserError(f"{where}: final answer {final!r} is not a number; gsm8k answers end in '#### <number>'")
-        return Example("", q, final.replace(",", "").replace("$", ""), a if "####" in a else f"#### {final}")
+        return Example("", q, final.replace(",", "").replace("$", ""), a if "####" in a else f"#### {final}",
+                       {"messages": msgs} if msgs else {})
 
     @staticmethod
     def extract(c):
@@ -474,26 +460,32 @@ class GSM8KTask(_FileTask):
 
 class MathTask(_FileTask):
     name, fields, safe = "math", "problem and answer (or a solution with \\boxed{})", False
+    prompt_keys = ("problem", "prompt")
     instruction = "\nPlease reason step by step, and put your final answer within \\boxed{}."
     _gold = {}
 
-    def __init__(self, spec, data, seed):
+    answer_keys = ("answer", "reward_model.ground_truth", "solution")  # a solution's last \\boxed{} is its answer
+
+    def __init__(self, spec, data, seed, prompt_key=None, answer_key=None):
         _require("math_verify", "math-verify")
-        super().__init__(spec, data, seed)
+        super().__init__(spec, data, seed, prompt_key, answer_key)
 
     def raw_prompt(self, ex):
         return f"Problem: {ex.question}\nSolution:\n"
 
     def example(self, rec, where):
-        q = _text(rec, "problem", where, "math lines need 'problem' and 'answer' or a 'solution' with \\boxed{}")
+        q, msgs = self.question(rec, where)
         sol = rec.get("solution") if isinstance(rec.get("solution"), str) else None
-        ans = rec.get("answer")
-        if ans is None or not str(ans).strip():
-            ans = last_boxed(sol or "")
-            if not ans:
-                raise UserError(f"{where}: no 'answer' and no \\boxed{{}} in 'solution'; add one of them")
+        for key in self.answer_keys:
+            ans = get_field(rec, key)
+            ans = last_boxed(ans) if isinstance(ans, str) and (key == "solution" or "\\boxed" in ans) else ans
+            if ans is not None and str(ans).strip():
+                break
+        else:
+            raise UserError(f"{where}: no {self.answer_keys[0]!r} (nor {', '.join(map(repr, self.answer_keys[1:]))} "
+                            f"with a \\boxed{{}}); add one of them or pass --answer-key NAME")
         ans = str(ans).strip()
-        return Example("", q, ans, sol or f"The final answer is $\\boxed{{{ans}}}$.")
+        return Example("", q, ans, sol or f"The final answer is $\\boxed{{{ans}}}$.", {"messages": msgs} if msgs else {})
 
     def reward(self, completion, ex):
         from math_verify import parse, verify
@@ -574,16 +566,19 @@ class RGTask(Task):
 TASKS = {"arith": ArithTask, "countdown": CountdownTask, "gsm8k": GSM8KTask, "math": MathTask}
 
 
-def make_task(name, data=None, seed=0, reward_fn=None):
+def make_task(name, data=None, seed=0, reward_fn=None, prompt_key=None, answer_key=None):
     """A Task from its name (see the module docstring); reward_fn replaces its reward()."""
     kind, _, spec = name.partition(":")
+    if (prompt_key or answer_key) and kind not in ("gsm8k", "math"):
+        raise UserError(f"--prompt-key / --answer-key map the fields of a data file (gsm8k, math); {name} has none, drop them")
     if kind == "rg":
         rg_name, _, spec = spec.partition(":")
         if data:
             raise UserError(f"--data is for gsm8k and math; {name} is generated by reasoning-gym, drop --data")
         task = RGTask(rg_name, spec, seed)
     elif kind in TASKS:
-        task = TASKS[kind](spec, data, seed)
+        keys = dict(prompt_key=prompt_key, answer_key=answer_key) if prompt_key or answer_key else {}
+        task = TASKS[kind](spec, data, seed, **keys)
         task.name = name
     else:
         close = difflib.get_close_matches(kind, list(TASKS) + ["rg"], n=3)

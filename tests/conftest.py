@@ -30,13 +30,14 @@ HF_VARIANTS = {
 }
 
 
-def make_hf_model(variant, seed=0):
+def make_hf_model(variant, seed=0, auto="AutoModelForCausalLM", **overrides):
+    """A tiny random transformers model (auto: its Auto class); overrides replace config keys."""
     import transformers
 
     cls_name, extra = HF_VARIANTS[variant]
-    cfg = getattr(transformers, cls_name)(**TINY_HF, **extra)
+    cfg = getattr(transformers, cls_name)(**{**TINY_HF, **extra, **overrides})
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    model = getattr(transformers, auto).from_config(cfg).float().eval()
     with torch.no_grad():  # random biases and norm weights, so that a missing one shows
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
