@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from nanorl import UserError, algos
+from nanorl import UserError, algos, sinks
 from nanorl import dist as D
 from nanorl.checkpoint import atomic_file, latest_state, load_state, save_state
 from nanorl.model import config_summary, load_model
@@ -39,7 +39,8 @@ from nanorl.tasks import make_task, score
 from nanorl.tokenizer import load_tokenizer
 
 # flags that may differ between a run and its --resume (everything else must match)
-RESUMABLE = {"steps", "resume", "save_every", "eval_every", "eval_n", "out", "dist_timeout", "progress", "max_bad_steps"}
+RESUMABLE = {"steps", "resume", "save_every", "eval_every", "eval_n", "out", "dist_timeout", "progress", "max_bad_steps",
+             "log", "config"}
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -96,6 +97,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-n", type=int, default=200, help="held-out prompts per eval")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", default=None, type=_parse_value(bool), help="tqdm bar (default: when a tty)")
+    p.add_argument("--log", action="append", default=[], choices=tuple(sinks.SINKS),
+                   help="also log metrics.jsonl's rows to tensorboard / wandb (repeatable; nanorl/sinks.py)")
     # systems
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--fsdp", action="store_true", help="shard the policy with FSDP2 (fully_shard) under torchrun")
@@ -128,6 +131,7 @@ def parse_args(argv=None):
     for name in ("prompts_per_step", "max_new_tokens", "micro_batch", "mini_batches", "eval_n"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    sinks.check(args.log)
     return args
 
 
@@ -183,7 +187,7 @@ def evaluate(model, tok, task, args, device, examples=None):
     return float(tot[0] / tot[1].clamp(min=1))
 
 
-def sft_steps(model, tok, task, args, device, steps, lr, log=None, desc="warm start", metrics_out=None):
+def sft_steps(model, tok, task, args, device, steps, lr, log=None, desc="warm start", metrics=None):
     """Supervised fine-tuning on the task's reference solutions (+ EOS): -log pi of the solution tokens.
 
     A step sees as many sequences as an RL step trains on (prompts_per_step x group_size). The lr warms
@@ -215,8 +219,8 @@ def sft_steps(model, tok, task, args, device, steps, lr, log=None, desc="warm st
             group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if metrics_out:
-            _append_metrics(metrics_out, {"step": step + 1, "nll": float(loss.detach()), "lr": opt.param_groups[0]["lr"]})
+        if metrics:
+            metrics({"step": step + 1, "nll": float(loss.detach()), "lr": opt.param_groups[0]["lr"]})
         if log and (step % 50 == 0 or step == steps - 1):
             log(f"{desc} step {step + 1}/{steps}: nll {loss.item():.3f}")
     model.eval()
@@ -425,30 +429,6 @@ def _load_states(policy, opt, model_state, optim_state):
                    options=StateDictOptions(full_state_dict=True))
 
 
-def _append_metrics(out, row):
-    if D.is_main():
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in row.items()}) + "\n")
-
-
-def _trim_metrics(out, step):
-    """Drop metric lines after `step` (a crash after the last checkpoint left them; the resumed run redoes them)."""
-    path = os.path.join(out, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        keep = []
-        for line in f:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
-                pass
-    with atomic_file(path) as f:
-        f.writelines(keep)
-
-
 def _plot(out):
     """reward.png: training reward and accuracy per step (and held-out evals), when matplotlib is installed."""
     try:
@@ -503,16 +483,18 @@ def main(argv=None):
             if k not in RESUMABLE and saved["args"].get(k) != run_args.get(k):
                 raise UserError(f"--resume: {k} is {run_args.get(k)!r} but the run in {args.out} used "
                                 f"{saved['args'].get(k)!r}; use the same settings or another --out")
+    metrics_log = sinks.Metrics(args.out, args.log, run_args, saved["step"] if saved else 0)  # jsonl + --log sinks
 
     # everything that can fail on bad input happens before --out is written
     tok = load_tokenizer(args.model)
     if cfg.kind == "pref":
         model = load_model(args.model, device=device, seed=args.seed)
-        acc_before, acc_after, steps, secs = train_preference(model, tok, args, cfg, device, log, _append_metrics)
+        acc_before, acc_after, steps, secs = train_preference(model, tok, args, cfg, device, log, metrics_log)
         if D.is_main():
             model.save_pretrained(args.out, tokenizer=tok)
         _summary(args.out, acc_before=acc_before, acc_after=acc_after, steps=steps, seconds=round(secs, 1), algo=cfg.name)
         log(f"held-out preference accuracy: before {acc_before:.3f} -> after {acc_after:.3f}")
+        metrics_log.close()
         return 0
     task = make_task(args.task, data=args.data, seed=args.seed, reward_fn=args.reward_fn)
     eval_examples = task.eval_examples(args.eval_n)
@@ -521,13 +503,14 @@ def main(argv=None):
     check_prompts(task, tok, args, model.cfg.max_seq_len, eval_examples)
     if cfg.kind == "sft":  # --algo sft: the warm start's supervised loop as the whole run
         acc_before = evaluate(model, tok, task, args, device, eval_examples)
-        sft_steps(model, tok, task, args, device, args.steps, args.lr, log, desc="sft", metrics_out=args.out)
+        sft_steps(model, tok, task, args, device, args.steps, args.lr, log, desc="sft", metrics=metrics_log)
         acc_after = evaluate(model, tok, task, args, device, eval_examples)
         if D.is_main():
             model.save_pretrained(args.out, tokenizer=tok)
         _summary(args.out, acc_before=acc_before, acc_after=acc_after, steps=args.steps,
                  seconds=round(time.time() - t_start, 1), algo=cfg.name)
         log(f"held-out greedy accuracy: before {acc_before:.3f} -> after SFT {acc_after:.3f}")
+        metrics_log.close()
         return 0
     if args.warm_start_steps and saved is None:
         model = warm_start(model, tok, task, args, device, log)
@@ -572,7 +555,7 @@ def main(argv=None):
             log(f"{args.out} held a previous run: starting over (continue a run with --resume instead)")
             shutil.rmtree(os.path.join(args.out, "ckpt"))
         os.makedirs(args.out, exist_ok=True)
-        _trim_metrics(args.out, step)
+        sinks.trim_metrics(args.out, step)
         with atomic_file(os.path.join(args.out, "run.json")) as f:  # how to prompt the policy: sample.py reads it
             json.dump(run_args, f, indent=2)
     stop = {"signal": None}
@@ -619,7 +602,7 @@ def main(argv=None):
                        tokens_per_s=float(tot[4]) / max(time.time() - t0, 1e-9), seconds=time.time() - t_start)
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             metrics["eval_accuracy"] = evaluate(sampler_model, tok, task, args, device, eval_examples)
-        _append_metrics(args.out, metrics)
+        metrics_log(metrics)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}")
@@ -630,6 +613,7 @@ def main(argv=None):
             checkpoint(step)
     if bar is not None:
         bar.close()
+    metrics_log.close()
     if stop["signal"] is not None:
         log(f"stopped by signal {stop['signal']}: checkpoint saved at step {step}; continue with --resume")
         return 0
