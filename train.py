@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from nanorl import UserError, algos, sinks
+from nanorl import UserError, algos, config, sinks
 from nanorl import dist as D
 from nanorl.checkpoint import atomic_file, latest_state, load_state, save_state
 from nanorl.model import config_summary, load_model
@@ -63,6 +63,8 @@ def _parse_value(kind):
 
 def parse_args(argv=None):
     p = ArgParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="TOML file of flag values, e.g. recipes/dapo.toml (or a run.json); "
+                   "flags given here win (nanorl/config.py)")
     # what to train
     p.add_argument("--algo", default="grpo", help=f"preset: {', '.join(algos.PRESETS)}")
     p.add_argument("--model", default="tiny", help="HF directory, .gguf file, 'tiny' or 'smollm2-135m'")
@@ -114,6 +116,7 @@ def parse_args(argv=None):
         flags = ["-n", "--group-size"] if f.name == "group_size" else [f"--{f.name.replace('_', '-')}"]
         g.add_argument(*flags, dest=f"algo_{f.name}", default=argparse.SUPPRESS, type=_parse_value(kind),
                        metavar=kind.__name__.upper())
+    config.apply(p, argv)  # the --config file's values become the defaults
     args = p.parse_args(argv)
     tiny = args.model == "tiny"
     for name, small, big in (("max_new_tokens", 32, 256), ("steps", 80, 100), ("lr", 1e-4, 1e-6),
