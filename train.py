@@ -32,6 +32,7 @@ from nanorl import UserError, algos, config, sinks
 from nanorl import dist as D
 from nanorl.checkpoint import atomic_file, latest_state, load_state, save_state
 from nanorl.model import config_summary, load_model
+from nanorl.plot import plot
 from nanorl.policy import Policy, autocast, collate, forward_all, token_matrix
 from nanorl.preference import train_preference
 from nanorl.sampler import generate
@@ -400,7 +401,7 @@ def update(wrapped, policy, ref, batch, args, cfg, pad_id, device, ctl, tracker,
 
 
 # -----------------------------------------------------------------------------
-# small helpers: copies, state, metrics, plot
+# small helpers: copies, state, summary
 
 
 def _copy_model(model, dtype=None):
@@ -430,31 +431,6 @@ def _load_states(policy, opt, model_state, optim_state):
 
     set_state_dict(policy, opt, model_state_dict=model_state, optim_state_dict=optim_state,
                    options=StateDictOptions(full_state_dict=True))
-
-
-def _plot(out):
-    """reward.png: training reward and accuracy per step (and held-out evals), when matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("reward_mean", "reward (train)"), ("accuracy", "accuracy (train samples)"),
-                       ("eval_accuracy", "held-out greedy accuracy")):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), "o-" if key == "eval_accuracy" else "-", label=label)
-    ax.set_xlabel("step")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_file(os.path.join(out, "reward.png"), "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
 
 
 def _summary(out, **kw):
@@ -625,7 +601,7 @@ def main(argv=None):
     _summary(args.out, acc_before=acc_before, acc_after=acc_after, steps=step, seconds=round(seconds, 1),
              algo=cfg.name, task=task.name, model=args.model)
     if rank == 0:
-        _plot(args.out)
+        plot(args.out)
     log(f"held-out greedy accuracy: before RL {acc_before:.3f} -> after RL {acc_after:.3f} "
         f"({step} steps, {seconds:.0f}s); policy saved in {args.out}/")
     return 0

@@ -31,7 +31,7 @@ SINKS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wand
 
 # metrics that describe the rollout (sampling and scoring) rather than the update
 ROLLOUT = {"reward_mean", "reward_std", "accuracy", "response_len", "gen_batches", "groups_kept", "reward_errors",
-           "reward_timeouts", "tool_calls", "turns"}
+           "reward_timeouts", "turns", "obs_truncated"}
 TIME = {"tokens_per_s", "seconds"}
 
 

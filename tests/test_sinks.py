@@ -47,6 +47,8 @@ def test_tensorboard_scalars_equal_metrics_jsonl(tmp_path):
     (event,) = ea.Tensors("config/text_summary")
     text = event.tensor_proto.string_val[0].decode()
     assert json.loads(text.strip().strip("`")) == run_json(out)
+    with open(os.path.join(out, "reward.png"), "rb") as f:  # nanorl/plot.py drew the run
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def read_wandb_records(path):
@@ -99,3 +101,13 @@ def test_missing_extra_is_one_line(tmp_path, monkeypatch, capsys, sink, module):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and f"pip install 'nanorl[{sink}]'" in lines[0], lines
     assert not out.exists()
+
+
+def test_moving_average_and_held_out_curve():
+    from nanorl.plot import held_out_curve, moving_average
+
+    assert moving_average([1.0, 0.0, 1.0, 1.0, 0.0], 2) == [1.0, 0.5, 0.5, 1.0, 0.5]
+    rows = [{"step": 1, "reward_mean": 0.0}, {"step": 2, "reward_mean": 1.0, "eval_accuracy": 0.5},
+            {"step": 3, "reward_mean": 1.0}]
+    assert held_out_curve(rows, {"acc_before": 0.25, "acc_after": 0.75, "steps": 3}) == [(0, 0.25), (2, 0.5), (3, 0.75)]
+
