@@ -537,6 +537,7 @@ def main(argv=None):
         sinks.trim_metrics(args.out, step)
         with atomic_file(os.path.join(args.out, "run.json")) as f:  # how to prompt the policy: sample.py reads it
             json.dump(run_args, f, indent=2)
+        metrics_log.open()
     stop = {"signal": None}
     for s in (signal.SIGINT, signal.SIGTERM):  # finish the step, checkpoint, exit cleanly
         signal.signal(s, lambda signum, frame: stop.__setitem__("signal", signum))

@@ -85,6 +85,8 @@ def plot(out):
         twin.plot(steps, [r.get(tool, 0.0) for r in rows], color="C4",
                   label="tool-call rate (episodes calling a tool)" if tool == "tool_call_rate" else "tool calls")
         twin.set_ylabel(tool.replace("_", " "))
+        if tool == "tool_call_rate":
+            twin.set_ylim(-0.02, 1.02)
         h2 = twin.get_legend_handles_labels()
         handles = (handles[0] + h2[0], handles[1] + h2[1])
     bottom.legend(*handles, fontsize=8)

@@ -100,12 +100,16 @@ class Metrics:
         self.out, self.names, self.config, self.start_step = out, list(dict.fromkeys(sinks)), config, start_step
         self.writers = None
 
+    def open(self):
+        """Start the sinks (rank 0; once): train.py calls it when it writes run.json, else the first row does."""
+        if D.is_main() and self.names and self.writers is None:
+            self.writers = [_OPEN[name](self.out, self.config or {}, self.start_step) for name in self.names]
+            atexit.register(self.close)  # a run that stops on an error still flushes what it logged
+
     def __call__(self, row):
         row = append_metrics(self.out, row)
         if D.is_main() and self.names:
-            if self.writers is None:
-                self.writers = [_OPEN[name](self.out, self.config or {}, self.start_step) for name in self.names]
-                atexit.register(self.close)  # a run that stops on an error still flushes what it logged
+            self.open()
             scalars = {tag(k): float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
             for w in self.writers:
                 w.log(scalars, row["step"])
@@ -138,8 +142,13 @@ class _WandB:
     def __init__(self, out, config, start_step):
         import wandb
 
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "nanorl"), dir=out, config=config,
-                              name=os.environ.get("WANDB_NAME", os.path.basename(os.path.abspath(out))))
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "nanorl"), dir=out, config=config,
+                                  name=os.environ.get("WANDB_NAME", os.path.basename(os.path.abspath(out))))
+        except wandb.errors.Error as e:  # not logged in, no network: say how to log offline instead
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+            raise UserError(f"--log wandb: {msg}; or set WANDB_MODE=offline to write a local run "
+                            f"(wandb sync uploads it later)") from None
 
     def log(self, scalars, step):
         self.run.log(scalars, step=step)
