@@ -43,7 +43,7 @@ def _read_toml(path):
 def load(path):
     """The file's {key: value} (.toml, or a run.json), tables flattened; keys not yet checked against the flags."""
     if not os.path.isfile(path):
-        raise UserError(f"--config {path}: no such file; give a .toml file such as recipes/grpo.toml or a run.json")
+        raise UserError(f"--config {path}: no such file; give a .toml file such as recipes/dapo.toml, or a run.json")
     if path.endswith(".json"):
         try:
             with open(path) as f:
