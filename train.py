@@ -27,10 +27,11 @@ import time
 
 import torch
 
-from nanorl import UserError, algos
+from nanorl import UserError, algos, config, sinks
 from nanorl import dist as D
 from nanorl.checkpoint import atomic_file, latest_state, load_state, save_state
 from nanorl.model import config_summary, load_model
+from nanorl.plot import plot
 from nanorl.policy import Policy, autocast, collate, forward_all, token_matrix
 from nanorl.preference import train_preference
 from nanorl.reward_model import make_scorer
@@ -39,7 +40,8 @@ from nanorl.tasks import make_task, score
 from nanorl.tokenizer import load_tokenizer
 
 # flags that may differ between a run and its --resume (everything else must match)
-RESUMABLE = {"steps", "resume", "save_every", "eval_every", "eval_n", "out", "dist_timeout", "progress", "max_bad_steps"}
+RESUMABLE = {"steps", "resume", "save_every", "eval_every", "eval_n", "out", "dist_timeout", "progress", "max_bad_steps",
+             "log", "config"}
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -62,6 +64,8 @@ def _parse_value(kind):
 
 def parse_args(argv=None):
     p = ArgParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="TOML file of flag values, e.g. recipes/dapo.toml (or a run.json); "
+                   "flags given here win (nanorl/config.py)")
     # what to train
     p.add_argument("--algo", default="grpo", help=f"preset: {', '.join(algos.PRESETS)}")
     p.add_argument("--model", default="tiny", help="HF directory, .gguf file, 'tiny' or 'smollm2-135m'")
@@ -108,6 +112,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-n", type=int, default=200, help="held-out prompts per eval")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", default=None, type=_parse_value(bool), help="tqdm bar (default: when a tty)")
+    p.add_argument("--log", action="append", default=[], choices=tuple(sinks.SINKS),
+                   help="also log metrics.jsonl's rows to tensorboard / wandb (repeatable; nanorl/sinks.py)")
     # systems
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--fsdp", action="store_true", help="shard the policy with FSDP2 (fully_shard) under torchrun")
@@ -123,6 +129,7 @@ def parse_args(argv=None):
         flags = ["-n", "--group-size"] if f.name == "group_size" else [f"--{f.name.replace('_', '-')}"]
         g.add_argument(*flags, dest=f"algo_{f.name}", default=argparse.SUPPRESS, type=_parse_value(kind),
                        metavar=kind.__name__.upper())
+    config.apply(p, argv)  # the --config file's values become the defaults
     args = p.parse_args(argv)
     tiny = args.model == "tiny"
     for name, small, big in (("max_new_tokens", 32, 256), ("steps", 80, 100), ("lr", 1e-4, 1e-6),
@@ -140,6 +147,7 @@ def parse_args(argv=None):
     for name in ("prompts_per_step", "max_new_tokens", "micro_batch", "mini_batches", "eval_n"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    sinks.check(args.log)
     return args
 
 
@@ -195,7 +203,7 @@ def evaluate(model, tok, task, args, device, examples=None):
     return float(tot[0] / tot[1].clamp(min=1))
 
 
-def sft_steps(model, tok, task, args, device, steps, lr, log=None, desc="warm start", metrics_out=None):
+def sft_steps(model, tok, task, args, device, steps, lr, log=None, desc="warm start", metrics=None):
     """Supervised fine-tuning on the task's reference solutions (+ EOS): -log pi of the solution tokens.
 
     A step sees as many sequences as an RL step trains on (prompts_per_step x group_size). The lr warms
@@ -227,8 +235,8 @@ def sft_steps(model, tok, task, args, device, steps, lr, log=None, desc="warm st
             group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if metrics_out:
-            _append_metrics(metrics_out, {"step": step + 1, "nll": float(loss.detach()), "lr": opt.param_groups[0]["lr"]})
+        if metrics:
+            metrics({"step": step + 1, "nll": float(loss.detach()), "lr": opt.param_groups[0]["lr"]})
         if log and (step % 50 == 0 or step == steps - 1):
             log(f"{desc} step {step + 1}/{steps}: nll {loss.item():.3f}")
     model.eval()
@@ -410,7 +418,7 @@ def update(wrapped, policy, ref, batch, args, cfg, pad_id, device, ctl, tracker,
 
 
 # -----------------------------------------------------------------------------
-# small helpers: copies, state, metrics, plot
+# small helpers: copies, state, summary
 
 
 def _copy_model(model, dtype=None):
@@ -442,55 +450,6 @@ def _load_states(policy, opt, model_state, optim_state):
                    options=StateDictOptions(full_state_dict=True))
 
 
-def _append_metrics(out, row):
-    if D.is_main():
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({k: float(f"{v:.6g}") if isinstance(v, float) else v for k, v in row.items()}) + "\n")
-
-
-def _trim_metrics(out, step):
-    """Drop metric lines after `step` (a crash after the last checkpoint left them; the resumed run redoes them)."""
-    path = os.path.join(out, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        keep = []
-        for line in f:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
-                pass
-    with atomic_file(path) as f:
-        f.writelines(keep)
-
-
-def _plot(out):
-    """reward.png: training reward and accuracy per step (and held-out evals), when matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("reward_mean", "reward (train)"), ("accuracy", "accuracy (train samples)"),
-                       ("eval_accuracy", "held-out greedy accuracy")):
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), "o-" if key == "eval_accuracy" else "-", label=label)
-    ax.set_xlabel("step")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_file(os.path.join(out, "reward.png"), "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
-
-
 def _summary(out, **kw):
     if D.is_main():
         with atomic_file(os.path.join(out, "summary.json")) as f:
@@ -520,16 +479,18 @@ def main(argv=None):
             if k not in RESUMABLE and saved["args"].get(k) != run_args.get(k):
                 raise UserError(f"--resume: {k} is {run_args.get(k)!r} but the run in {args.out} used "
                                 f"{saved['args'].get(k)!r}; use the same settings or another --out")
+    metrics_log = sinks.Metrics(args.out, args.log, run_args, saved["step"] if saved else 0)  # jsonl + --log sinks
 
     # everything that can fail on bad input happens before --out is written
     tok = load_tokenizer(args.model)
     if cfg.kind == "pref":
         model = load_model(args.model, device=device, seed=args.seed)
-        acc_before, acc_after, steps, secs = train_preference(model, tok, args, cfg, device, log, _append_metrics)
+        acc_before, acc_after, steps, secs = train_preference(model, tok, args, cfg, device, log, metrics_log)
         if D.is_main():
             model.save_pretrained(args.out, tokenizer=tok)
         _summary(args.out, acc_before=acc_before, acc_after=acc_after, steps=steps, seconds=round(secs, 1), algo=cfg.name)
         log(f"held-out preference accuracy: before {acc_before:.3f} -> after {acc_after:.3f}")
+        metrics_log.close()
         return 0
     task = make_task(args.task, data=args.data, seed=args.seed, reward_fn=args.reward_fn, prompt_key=args.prompt_key,
                      answer_key=args.answer_key)
@@ -539,13 +500,14 @@ def main(argv=None):
     check_prompts(task, tok, args, model.cfg.max_seq_len, eval_examples)
     if cfg.kind == "sft":  # --algo sft: the warm start's supervised loop as the whole run
         acc_before = evaluate(model, tok, task, args, device, eval_examples)
-        sft_steps(model, tok, task, args, device, args.steps, args.lr, log, desc="sft", metrics_out=args.out)
+        sft_steps(model, tok, task, args, device, args.steps, args.lr, log, desc="sft", metrics=metrics_log)
         acc_after = evaluate(model, tok, task, args, device, eval_examples)
         if D.is_main():
             model.save_pretrained(args.out, tokenizer=tok)
         _summary(args.out, acc_before=acc_before, acc_after=acc_after, steps=args.steps,
                  seconds=round(time.time() - t_start, 1), algo=cfg.name)
         log(f"held-out greedy accuracy: before {acc_before:.3f} -> after SFT {acc_after:.3f}")
+        metrics_log.close()
         return 0
     scorer = make_scorer(args, task, tok, device)  # learned rewards, loaded before anything is written
     if args.warm_start_steps and saved is None:
@@ -591,9 +553,10 @@ def main(argv=None):
             log(f"{args.out} held a previous run: starting over (continue a run with --resume instead)")
             shutil.rmtree(os.path.join(args.out, "ckpt"))
         os.makedirs(args.out, exist_ok=True)
-        _trim_metrics(args.out, step)
+        sinks.trim_metrics(args.out, step)
         with atomic_file(os.path.join(args.out, "run.json")) as f:  # how to prompt the policy: sample.py reads it
             json.dump(run_args, f, indent=2)
+        metrics_log.open()
     stop = {"signal": None}
     for s in (signal.SIGINT, signal.SIGTERM):  # finish the step, checkpoint, exit cleanly
         signal.signal(s, lambda signum, frame: stop.__setitem__("signal", signum))
@@ -639,7 +602,7 @@ def main(argv=None):
         metrics.update(scorer.metrics(device) if scorer else {})
         if args.eval_every and step % args.eval_every == 0 and step < args.steps:
             metrics["eval_accuracy"] = evaluate(sampler_model, tok, task, args, device, eval_examples)
-        _append_metrics(args.out, metrics)
+        metrics_log(metrics)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}")
@@ -650,6 +613,7 @@ def main(argv=None):
             checkpoint(step)
     if bar is not None:
         bar.close()
+    metrics_log.close()
     if stop["signal"] is not None:
         log(f"stopped by signal {stop['signal']}: checkpoint saved at step {step}; continue with --resume")
         return 0
@@ -658,7 +622,7 @@ def main(argv=None):
     _summary(args.out, acc_before=acc_before, acc_after=acc_after, steps=step, seconds=round(seconds, 1),
              algo=cfg.name, task=task.name, model=args.model)
     if rank == 0:
-        _plot(args.out)
+        plot(args.out)
     log(f"held-out greedy accuracy: before RL {acc_before:.3f} -> after RL {acc_after:.3f} "
         f"({step} steps, {seconds:.0f}s); policy saved in {args.out}/")
     return 0

@@ -31,7 +31,7 @@ def read_pairs(path):
     return rows
 
 
-def train_preference(model, tok, args, cfg, device, log, append_metrics):
+def train_preference(model, tok, args, cfg, device, log, metrics):
     """DPO-family training: the reference is the initial policy; the last 10% of pairs (max 200) are held out.
 
     Held-out accuracy is the fraction of pairs whose chosen answer the policy finds likelier per token
@@ -84,6 +84,6 @@ def train_preference(model, tok, args, cfg, device, log, append_metrics):
             group["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        append_metrics(args.out, {"step": step + 1, "loss": float(loss.detach()), **{k: float(v) for k, v in mets.items()}})
+        metrics({"step": step + 1, "loss": float(loss.detach()), **{k: float(v) for k, v in mets.items()}})
     model.eval()
     return acc_before, accuracy(), args.steps, time.time() - t0
