@@ -177,13 +177,21 @@ def trainable_state(state, model):
 # PEFT files
 
 
-def adapter_tensors(model):
-    """{PEFT key: fp32 tensor} of the adapters (gathered under FSDP2: every rank must call it)."""
+def adapter_tensors(state, strip=""):
+    """{PEFT key: fp32 tensor} of the adapters in a state dict (a model's, or a policy's with strip="model.").
+    FSDP2 shards are gathered: every rank must call it then."""
     out = {}
-    for name, m in lora_modules(model):
-        out[f"{PREFIX}{name}.lora_A.weight"] = _full(m.lora_A).float().contiguous().cpu()
-        out[f"{PREFIX}{name}.lora_B.weight"] = _full(m.lora_B).float().contiguous().cpu()
+    for k, v in state.items():
+        if k.endswith((".lora_A", ".lora_B")):
+            out[PREFIX + k.removeprefix(strip) + ".weight"] = _full(v).float().contiguous().cpu()
     return out
+
+
+def remove_adapter(path):
+    """Delete an adapter's files from `path` (a full-fine-tuning run reusing a LoRA run's directory)."""
+    for name in (CONFIG, WEIGHTS):
+        if os.path.isfile(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
 
 
 def save_adapter(path, tensors, lora_config, base_path, tokenizer=None):
@@ -253,7 +261,7 @@ def load_adapter(model, path, seed=0):
         raise UserError(f"{path}: no {WEIGHTS}; nanorl reads safetensors adapters (save with safe_serialization=True)")
     # peft strips the adapter name on save; a hand-made file may still carry ".default"
     tensors = {k.replace(".default.", "."): v for k, v in load_file(wpath).items()}
-    expected = adapter_tensors(model)
+    expected = adapter_tensors(model.state_dict())
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise UserError(f"{wpath}: unexpected key {extra[0]!r}; the adapter was made for another architecture")

@@ -108,7 +108,7 @@ def test_peft_loads_adapter(hf_ckpts, tmp_path, variant):
     base_dir = hf_ckpts[variant]
     lora = randomize_B(add_lora(load_model(base_dir), 4, alpha=16))
     out = str(tmp_path / "adapter")
-    save_adapter(out, adapter_tensors(lora), lora.lora_config, base_dir)
+    save_adapter(out, adapter_tensors(lora.state_dict()), lora.lora_config, base_dir)
     ids = IDS % lora.cfg.vocab_size
     theirs = peft_logits(base_dir, out, ids)
     merged = load_model(out)  # the adapter directory loads as its merged model
@@ -125,7 +125,7 @@ def test_peft_loads_smollm2_adapter(smollm2, tmp_path):
     base.save_pretrained(base_dir)
     lora = randomize_B(add_lora(copy.deepcopy(base), 8, alpha=32, targets="q_proj,v_proj,down_proj"), std=0.01)
     out = str(tmp_path / "adapter")
-    save_adapter(out, adapter_tensors(lora), lora.lora_config, base_dir)
+    save_adapter(out, adapter_tensors(lora.state_dict()), lora.lora_config, base_dir)
     ids = torch.tensor([[1, 504, 3458, 314, 260, 1789, 28, 216, 30, 9]])
     theirs = peft_logits(base_dir, out, ids)
     with torch.no_grad():
@@ -133,3 +133,153 @@ def test_peft_loads_smollm2_adapter(smollm2, tmp_path):
         assert (ours - base(ids)).abs().max() > 1e-3
     assert (ours - theirs).abs().max() <= 1e-4
     assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- the sampler's merged copy
+
+
+def test_sampler_trainer_parity_after_steps(hf_ckpts):
+    """A few optimizer steps on the adapters, the sampler's plain copy refreshed with the merged weights: the
+    sampler's logprobs equal the trainer's (W x + s B A x) ones, and the adapters did move them."""
+    from nanorl.lora import merged_state_dict
+    from nanorl.policy import Policy, collate
+    from nanorl.sampler import generate
+
+    model = load_model(hf_ckpts["qwen3"])
+    sampler = copy.deepcopy(model)  # made before the adapters, as train.py does
+    add_lora(model, 4, alpha=16, seed=3)
+    policy = Policy(model, impl="torch")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    prompts, pad = [[3, 4, 5], [7, 8, 9, 10, 11]], 0
+    for step in range(3):  # push up the log-likelihood of fixed completions
+        inp = collate(prompts, [[20, 21, 22, 23], [30, 31]], pad, "cpu")
+        logp = policy(inp)[0]
+        (-(logp * inp["mask"]).sum()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for k, v in sampler.state_dict().items():
+                v.copy_(merged_state_dict(model)[k])
+    res = generate(sampler, prompts, n=3, max_new_tokens=12, temperature=1.0, seed=0)
+    inp = collate([prompts[c.prompt_index] for c in res], [c.tokens for c in res], pad, "cpu")
+    with torch.no_grad():
+        trainer = policy(inp)[0]
+        with disabled(model):
+            base = policy(inp)[0]
+    m = inp["mask"] > 0
+    sampled = torch.zeros_like(trainer)
+    for i, c in enumerate(res):
+        sampled[i, :len(c.logprobs)] = torch.tensor(c.logprobs)
+    assert (sampled - trainer)[m].abs().max() <= 1e-4
+    assert (base - trainer)[m].abs().max() > 1e-2
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_grads():
+    grads = []
+    for ckpt in (False, True):
+        model = add_lora(load_model("tiny"), 4, seed=1)
+        randomize_B(model)
+        model.gradient_checkpointing = ckpt
+        model(IDS).logsumexp(-1).mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-7), n
+
+
+# ----------------------------------------------------------------------------- train.py with --lora-rank
+
+import train  # noqa: E402  (conftest put the repository root on sys.path)
+from test_train import _torchrun, metrics, pairs_file, run  # noqa: E402
+
+LORA = ["--lora-rank", "4", "--lr", "1e-2"]
+
+
+def adapter(out):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(out, "adapter_model.safetensors"))
+
+
+def test_lora_lr_default_is_10x():
+    assert train.parse_args(["--lora-rank", "8"]).lr == pytest.approx(1e-3)  # tiny's full-FT default is 1e-4
+    assert train.parse_args(["--lora-rank", "8", "--lr", "3e-4"]).lr == 3e-4
+    assert train.parse_args(["--model", "x", "--lora-rank", "8"]).lr == pytest.approx(1e-5)
+
+
+def test_lora_run_saves_a_peft_adapter(tmp_path):
+    """GRPO with a KL term: the reference is the policy with its adapters off (KL exactly 0 before the first
+    update, > 0 after); the run dir holds a PEFT adapter over OUT/base that peft loads, and --merge-lora's model."""
+    out = run(tmp_path, "--steps", "2", "--kl-coef", "0.1", *LORA, "--merge-lora")
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+    rows = metrics(out)
+    assert rows[0]["kl"] == 0 and rows[1]["kl"] > 0
+    tensors = adapter(out)
+    assert len(tensors) == 2 * 7 * 4 and any(t.abs().max() > 0 for k, t in tensors.items() if "lora_B" in k)
+    base_dir = os.path.join(out, "base")
+    tiny = load_model("tiny").state_dict()
+    for k, v in load_model(base_dir).state_dict().items():  # the base is untouched
+        assert torch.equal(v, tiny[k]), k
+    ids = IDS % 90
+    theirs = peft_logits(base_dir, out, ids)
+    with torch.no_grad():
+        ours = load_model(out)(ids)
+        assert (ours - load_model(base_dir)(ids)).abs().max() > 1e-4
+        assert (ours - theirs).abs().max() <= 1e-5
+        assert (load_model(os.path.join(out, "merged"))(ids) - ours).abs().max() <= 1e-6
+
+
+def test_lora_resume_equals_straight_run(tmp_path):
+    straight = run(tmp_path, "--steps", "4", "--save-every", "2", *LORA, name="straight")
+    run(tmp_path, "--steps", "2", "--save-every", "2", *LORA, name="split")
+    split = run(tmp_path, "--steps", "4", "--save-every", "2", "--resume", *LORA, name="split")
+    a, b = adapter(straight), adapter(split)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["reward_mean"] for r in metrics(straight)] == [r["reward_mean"] for r in metrics(split)]
+    ckpt = os.path.join(split, "ckpt", sorted(os.listdir(os.path.join(split, "ckpt")))[-1], "model.safetensors")
+    from safetensors.torch import load_file
+    assert all("lora_" in k for k in load_file(ckpt))  # the checkpoint holds what trains, not the base
+
+
+def test_lora_init_continues_an_adapter(tmp_path):
+    first = run(tmp_path, "--steps", "2", *LORA, name="first")
+    # lr 0: nothing moves, so the continued run's adapter is exactly the one it started from
+    second = run(tmp_path, "--steps", "1", "--lora-rank", "4", "--lr", "0", "--lora-init", first, name="second")
+    a, b = adapter(first), adapter(second)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("algo", ["dpo", "sft"])
+def test_lora_offline_algos(tmp_path, algo):
+    extra = ["--data", pairs_file(tmp_path)] if algo == "dpo" else []
+    out = run(tmp_path, "--algo", algo, "--steps", "2", *LORA, *extra)
+    assert any(t.abs().max() > 0 for k, t in adapter(out).items() if "lora_B" in k)
+    with torch.no_grad():
+        assert (load_model(out)(IDS) - load_model("tiny")(IDS)).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("extra", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_lora_two_ranks_equal_one(tmp_path, extra):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    _torchrun(1, one, LORA)
+    _torchrun(2, two, LORA + extra)
+    a, b = adapter(one), adapter(two)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= 1e-5, worst
+    assert max(t.abs().max() for k, t in a.items() if "lora_B" in k) > 1e-4
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--lora-rank", "4", "--lora-targets", "q_proj,lm_head"], ["lm_head"]),
+    (["--lora-rank", "4", "--lora-init", "/nonexistent/adapter"], ["/nonexistent/adapter"]),
+    (["--lora-init", "/tmp"], ["--lora-rank"]),
+])
+def test_lora_bad_input(tmp_path, args, words):
+    from test_train import cli
+
+    res = cli("--out", str(tmp_path / "o"), "--steps", "1", "--warm-start-steps", "0", *args)
+    assert res.returncode == 2, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and all(w in last for w in words), last
