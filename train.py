@@ -453,10 +453,9 @@ def _copy_weights(dst, src):
     """Refresh the sampler's copy of the policy (FSDP shards are gathered); no-op when they are one."""
     if dst is src:
         return
-    sd = lora.merged_state_dict(src)  # LoRA: W + (alpha / r) B A from the unmerged base, every time
-    for k, v in dst.state_dict().items():
-        x = sd[k]
-        v.copy_(x.full_tensor() if hasattr(x, "full_tensor") else x)
+    dst_sd = dst.state_dict()
+    for k, x in lora.merged_items(src):  # LoRA: W + (alpha / r) B A from the unmerged base, every time
+        dst_sd[k].copy_(x.full_tensor() if hasattr(x, "full_tensor") else x)
 
 
 def _states(policy, opt):

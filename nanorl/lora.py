@@ -134,24 +134,25 @@ def disabled(model):
 
 
 @torch.no_grad()
-def merged_state_dict(model):
-    """The model's state dict with every adapter merged, W + (alpha / r) B A (computed in fp32, then cast to
-    W's dtype) and no lora_* keys: the weights of a plain Transformer. Without LoRA, the state dict itself.
-    Under FSDP2 the shards are gathered (every rank must call it)."""
-    sd = model.state_dict()
+def merged_items(model):
+    """(name, tensor) of the model's state dict with every adapter merged, W + (alpha / r) B A (in fp32, then
+    cast to W's dtype), and no lora_* keys: the weights of a plain Transformer. One merged tensor at a time, so
+    refreshing a sampler copy of a 7B model needs one layer's weight of extra memory, not a model's. Without
+    LoRA, the state dict's own items. Under FSDP2 the merged weights are gathered (every rank must iterate)."""
     mods = dict(lora_modules(model))
-    if not mods:
-        return sd
-    out = {}
-    for k, v in sd.items():
+    for k, v in model.state_dict().items():
         prefix, _, leaf = k.rpartition(".")
         if leaf in ("lora_A", "lora_B"):
             continue
         if leaf == "weight" and prefix in mods:
             W = _full(v)
             v = (W.float() + mods[prefix].delta()).to(W.dtype)
-        out[k] = v
-    return out
+        yield k, v
+
+
+def merged_state_dict(model):
+    """merged_items as a dict (every merged weight at once: for saving a model, not for each step)."""
+    return dict(merged_items(model))
 
 
 def merge(model):
