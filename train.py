@@ -252,7 +252,7 @@ def warm_start(model, tok, task, args, device, log):
     return model
 
 
-def apply_lora(model, tok, args, base_dir=None, fresh=True):
+def apply_lora(model, tok, args, log, base_dir=None, fresh=True):
     """--lora-rank: freeze `model` and add adapters (or --lora-init's, to continue them). Returns the HF directory
     the saved adapter names as its base: base_dir (the warm-started init/), --model when it is an HF directory,
     else the base written once into OUT/base (an alias, a GGUF, a LoRA run), rewritten unless resuming."""
@@ -272,6 +272,10 @@ def apply_lora(model, tok, args, base_dir=None, fresh=True):
     else:
         lora.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout, seed=args.seed)
     model.train()  # LoRA dropout in the trainer's forwards; the sampler's merged copy stays in eval mode
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    c = model.lora_config
+    log(f"LoRA r={c['r']} alpha={c['lora_alpha']:g} on {','.join(c['target_modules'])}: {n / 1e6:.2f}M trainable "
+        f"parameters, lr {args.lr:g}")
     return os.path.abspath(base_dir)
 
 
@@ -560,7 +564,7 @@ def main(argv=None):
     tok = load_tokenizer(args.model)
     if cfg.kind == "pref":
         model = load_model(args.model, device=device, seed=args.seed)
-        lora_base = apply_lora(model, tok, args) if args.lora_rank else None
+        lora_base = apply_lora(model, tok, args, log) if args.lora_rank else None
         acc_before, acc_after, steps, secs = train_preference(model, tok, args, cfg, device, log, _append_metrics)
         if D.is_main():
             save_policy(model, tok, args, lora_base)
@@ -575,7 +579,7 @@ def main(argv=None):
     check_prompts(task, tok, args, model.cfg.max_seq_len, eval_examples)
     if cfg.kind == "sft":  # --algo sft: the warm start's supervised loop as the whole run
         acc_before = evaluate(model, tok, task, args, device, eval_examples)
-        lora_base = apply_lora(model, tok, args) if args.lora_rank else None
+        lora_base = apply_lora(model, tok, args, log) if args.lora_rank else None
         sft_steps(model, tok, task, args, device, args.steps, args.lr, log, desc="sft", metrics_out=args.out)
         acc_after = evaluate(model, tok, task, args, device, eval_examples)
         if D.is_main():
@@ -598,9 +602,7 @@ def main(argv=None):
         _copy_model(model, torch.bfloat16 if device.type == "cuda" else None)
     lora_base = None
     if args.lora_rank:
-        lora_base = apply_lora(model, tok, args, init_dir if args.warm_start_steps else None, fresh=saved is None)
-        log(f"LoRA r={args.lora_rank} alpha={args.lora_alpha} on {args.lora_targets}: "
-            f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trainable params, lr {args.lr:g}")
+        lora_base = apply_lora(model, tok, args, log, init_dir if args.warm_start_steps else None, fresh=saved is None)
     value_head = algos.ValueHead(model.cfg.hidden_size).to(device) if cfg.needs_value else None
     policy = Policy(model, value_head, args.kernel_impl)
     if args.lora_rank and cfg.needs_ref:  # the reference is the same model with its adapters off: no copy

@@ -227,6 +227,12 @@ def test_lora_run_saves_a_peft_adapter(tmp_path):
         assert (ours - load_model(base_dir)(ids)).abs().max() > 1e-4
         assert (ours - theirs).abs().max() <= 1e-5
         assert (load_model(os.path.join(out, "merged"))(ids) - ours).abs().max() <= 1e-6
+    import sample  # sample.py --merge-lora writes the same merged model; sample.py --model RUN_DIR generates
+
+    sample.main(["--model", out, "--merge-lora", str(tmp_path / "merged2"), "--device", "cpu"])
+    with torch.no_grad():
+        assert (load_model(str(tmp_path / "merged2"))(ids) - ours).abs().max() <= 1e-6
+    sample.main(["--model", out, "--prompt", "12+30=", "--max-new-tokens", "4", "--device", "cpu"])
 
 
 def test_lora_resume_equals_straight_run(tmp_path):
