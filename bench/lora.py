@@ -2,6 +2,7 @@
 
     python bench/lora.py                      # CPU: SmolLM2-135M fp32, train.py's GRPO step, full vs --lora-rank 16
     python bench/lora.py --device cuda        # GPU: a random model of Qwen2.5-7B's shape, full vs LoRA r=32
+    python bench/lora.py --shape small        # the GPU path's code on a small random model on CPU (a smoke test)
 
 CPU: each worker runs train.py itself (`train.main`) for one step of the grpo preset (its KL term included, so
 full fine-tuning holds a reference copy and LoRA does not) on the same HF checkpoint, prompts and seed, and
@@ -32,6 +33,8 @@ sys.path.insert(0, ROOT)
 QWEN25_7B = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, n_layers=28, n_heads=28, n_kv_heads=4,
                  head_dim=128, intermediate_size=18944, rms_eps=1e-6, rope_theta=1e6, max_seq_len=32768,
                  tie_embeddings=False, attn_bias=True)
+SHAPES = {"qwen2.5-7b": QWEN25_7B, "small": dict(QWEN25_7B, vocab_size=512, hidden_size=64, n_layers=2, n_heads=4,
+                                                   n_kv_heads=2, head_dim=16, intermediate_size=128, max_seq_len=512)}
 
 
 def optimizer_bytes(optimizers):
@@ -75,8 +78,8 @@ def cpu_worker(a):
     print("RESULT " + json.dumps(seen), flush=True)
 
 
-def gpu_worker(a):
-    """One update of a random Qwen2.5-7B-shaped model as train.py lays it out, then the sampler refresh."""
+def synthetic_worker(a):
+    """One update of a random model of `--shape` as train.py lays it out on a GPU, then the sampler refresh."""
     import copy
 
     import torch
@@ -85,18 +88,19 @@ def gpu_worker(a):
     from nanorl.model import ModelConfig, Transformer, rope_inv_freq
     from nanorl.policy import Policy, autocast, collate
 
-    dev = torch.device("cuda")
+    dev = torch.device(a.device)
     res = {"fits": False}
     try:
-        cfg = ModelConfig(**QWEN25_7B)
+        cfg = ModelConfig(**SHAPES[a.shape])
         with torch.device("meta"):
             model = Transformer(cfg)
         model.to_empty(device=dev)
+        g = torch.Generator(dev).manual_seed(0)
         with torch.no_grad():
             for p in model.parameters():
-                p.normal_(0, 0.02)
+                p.normal_(0, 0.02, generator=g)
         model.inv_freq = rope_inv_freq(cfg).to(dev)  # to_empty leaves the buffer uninitialised
-        sampler = copy.deepcopy(model).to(torch.bfloat16)
+        sampler = copy.deepcopy(model).to(torch.bfloat16 if dev.type == "cuda" else torch.float32)
         ref = None
         if a.worker == "lora":
             lora.add_lora(model, a.rank)
@@ -106,7 +110,7 @@ def gpu_worker(a):
         model.train()
         policy = Policy(model)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-        g = torch.Generator().manual_seed(0)
+        g = torch.Generator().manual_seed(0)  # token ids on the CPU
         prompts = [torch.randint(0, cfg.vocab_size, (a.seq_len // 4,), generator=g).tolist() for _ in range(a.seqs)]
         comps = [torch.randint(0, cfg.vocab_size, (a.seq_len - a.seq_len // 4,), generator=g).tolist() for _ in range(a.seqs)]
         inp = collate(prompts, comps, 0, dev)
@@ -122,13 +126,15 @@ def gpu_worker(a):
         sd = sampler.state_dict()
         for k, x in lora.merged_items(model):
             sd[k].copy_(x)
-        torch.cuda.synchronize()
         res.update(fits=True, opt_bytes=optimizer_bytes([opt]),
                    trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError:  # the answer to "does it fit": no
         pass
-    res["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    res["total_mb"] = torch.cuda.get_device_properties(0).total_memory / 2**20
+    if dev.type == "cuda":
+        res["peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        res["total_mb"] = torch.cuda.get_device_properties(0).total_memory / 2**20
+    else:
+        res["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(res), flush=True)
 
 
@@ -141,15 +147,18 @@ def main():
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--rank", type=int, default=None, help="LoRA rank (default: 16 on CPU, 32 on GPU)")
-    p.add_argument("--seqs", type=int, default=8, help="GPU: sequences in the update")
-    p.add_argument("--seq-len", type=int, default=1024, help="GPU: tokens per sequence")
+    p.add_argument("--shape", default=None, choices=list(SHAPES),
+                   help="a synthetic update of a random model of this shape (default on cuda: qwen2.5-7b)")
+    p.add_argument("--seqs", type=int, default=8, help="synthetic: sequences in the update")
+    p.add_argument("--seq-len", type=int, default=1024, help="synthetic: tokens per sequence")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    a.shape = a.shape or ("qwen2.5-7b" if a.device == "cuda" else None)
     a.rank = a.rank or (16 if a.device == "cpu" else 32)
     if a.worker:
-        return cpu_worker(a) if a.device == "cpu" else gpu_worker(a)
+        return synthetic_worker(a) if a.shape else cpu_worker(a)
     import torch
 
     from nanorl.model import load_model
@@ -157,16 +166,17 @@ def main():
 
     with tempfile.TemporaryDirectory() as work:
         model_dir = os.path.join(work, "model")
-        if a.device == "cpu":  # both read the same HF checkpoint: no GGUF dequantisation inside the measured process
+        if not a.shape:  # both read the same HF checkpoint: no GGUF dequantisation inside the measured process
             load_model(a.model).save_pretrained(model_dir, tokenizer=load_tokenizer(a.model))
             what = f"{a.model} fp32 on CPU, train.py grpo: {a.prompts} prompts x {a.samples} samples x {a.max_new_tokens} tokens"
         else:
-            what = f"random Qwen2.5-7B shape on {torch.cuda.get_device_name(0)}: {a.seqs} x {a.seq_len} tokens, bf16 autocast"
+            where = torch.cuda.get_device_name(0) if a.device == "cuda" else "CPU"
+            what = f"random {a.shape} shape on {where}: {a.seqs} x {a.seq_len} tokens, update + sampler refresh"
         print(f"{what}; torch {torch.__version__}", flush=True)
         res = {}
         for name in ("full", "lora"):
             cmd = [sys.executable, __file__, "--worker", name, "--model-dir", model_dir, "--work",
-                   os.path.join(work, name)] + sys.argv[1:]
+                   os.path.join(work, name)] + sys.argv[1:] + ["--shape", a.shape] * bool(a.shape)
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
@@ -179,11 +189,11 @@ def main():
     if "opt_bytes" in f and "opt_bytes" in lo:
         print(f"| optimizer state (MiB) | {f['opt_bytes'] / 2**20:.1f} | {lo['opt_bytes'] / 2**20:.2f} | "
               f"{lo['opt_bytes'] / f['opt_bytes']:.4f}x |")
-        print(f"| trainable parameters | {f['trainable'] / 1e6:.1f}M | {lo['trainable'] / 1e6:.2f}M | "
+        print(f"| trainable parameters | {f['trainable']:,} | {lo['trainable']:,} | "
               f"{lo['trainable'] / f['trainable']:.4f}x |")
     if "update_s" in f:
         print(f"| update time (s, shared CPU) | {f['update_s']:.2f} | {lo['update_s']:.2f} | {lo['update_s'] / f['update_s']:.2f}x |")
-    if a.device == "cuda":
+    if "total_mb" in f:
         print(f"| fits in {f['total_mb'] / 1024:.0f} GiB | {f['fits']} | {lo['fits']} | |")
 
 

@@ -289,3 +289,21 @@ def test_lora_bad_input(tmp_path, args, words):
     assert res.returncode == 2, res.stderr
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and all(w in last for w in words), last
+
+
+def test_bench_lora_smoke():
+    """bench/lora.py's synthetic path (the GPU measurement's code) on a small random model on CPU."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "lora.py"), "--shape", "small", "--seqs", "2",
+                          "--seq-len", "32", "--rank", "4"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:5] for line in res.stdout.splitlines() if line.startswith("| ")}
+    full, lora = (int(x.replace(",", "")) for x in rows["trainable parameters"][:2])
+    # small shape, all-linear r=4: per layer 4 x (64+64 + 64+32 + 64+32 + 64+64 + 3 x (64+128)) = 4 x 1024 = 4096
+    assert lora == 2 * 4096 and full > 10 * lora
+    opt_full, opt_lora = (float(x.split()[0]) for x in rows["optimizer state (MiB)"][:2])
+    assert opt_lora == pytest.approx(2 * 4 * lora / 2**20, abs=0.01)  # AdamW: two fp32 moments per parameter
