@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 import torch
+import train  # conftest put the repository root on sys.path
+from test_train import _torchrun, metrics, pairs_file, run
 
 from nanorl import UserError
 from nanorl.lora import TARGETS, add_lora, adapter_tensors, disabled, lora_modules, merge, save_adapter
@@ -141,7 +143,6 @@ def test_peft_loads_smollm2_adapter(smollm2, tmp_path):
 def test_sampler_trainer_parity_after_steps(hf_ckpts):
     """A few optimizer steps on the adapters, the sampler's plain copy refreshed with the merged weights: the
     sampler's logprobs equal the trainer's (W x + s B A x) ones, and the adapters did move them."""
-    from nanorl.lora import merged_state_dict
     from nanorl.policy import Policy, collate
     from nanorl.sampler import generate
 
@@ -157,9 +158,7 @@ def test_sampler_trainer_parity_after_steps(hf_ckpts):
         (-(logp * inp["mask"]).sum()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for k, v in sampler.state_dict().items():
-                v.copy_(merged_state_dict(model)[k])
+        train._copy_weights(sampler, model)  # the trainer's refresh of the sampler's copy: merged from the base
     res = generate(sampler, prompts, n=3, max_new_tokens=12, temperature=1.0, seed=0)
     inp = collate([prompts[c.prompt_index] for c in res], [c.tokens for c in res], pad, "cpu")
     with torch.no_grad():
@@ -188,9 +187,6 @@ def test_gradient_checkpointing_gives_the_same_adapter_grads():
 
 
 # ----------------------------------------------------------------------------- train.py with --lora-rank
-
-import train  # noqa: E402  (conftest put the repository root on sys.path)
-from test_train import _torchrun, metrics, pairs_file, run  # noqa: E402
 
 LORA = ["--lora-rank", "4", "--lr", "1e-2"]
 
