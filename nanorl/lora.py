@@ -58,7 +58,9 @@ class LoRALinear(Linear):
         if not self.enabled:
             return y
         dt = x.dtype if not torch.is_autocast_enabled(x.device.type) else torch.get_autocast_dtype(x.device.type)
-        h = F.linear(F.dropout(x, self.dropout, self.training), self.lora_A.to(dt))
+        # no dropout call at p = 0: CUDA's fused dropout would still write a copy of x and a mask
+        xd = F.dropout(x, self.dropout, True) if self.dropout and self.training else x
+        h = F.linear(xd, self.lora_A.to(dt))
         return y + F.linear(h, self.lora_B.to(dt)) * self.scaling
 
     def delta(self):
