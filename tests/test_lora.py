@@ -47,6 +47,17 @@ def test_merged_equals_unmerged():
         assert (merged(IDS) - unmerged).abs().max() <= 1e-5
 
 
+def test_dropout_only_in_training_and_only_on_the_adapter_path():
+    lora = randomize_B(add_lora(load_model("tiny"), 4, dropout=0.5))
+    with torch.no_grad():
+        merged = merge(copy.deepcopy(lora))(IDS)
+        assert (lora.eval()(IDS) - merged).abs().max() <= 1e-5
+        lora.train()
+        assert (lora(IDS) - merged).abs().max() > 1e-4
+        with disabled(lora):  # the base path never sees dropout
+            assert torch.equal(lora(IDS), load_model("tiny")(IDS))
+
+
 def test_init_and_shapes_follow_peft():
     lora = add_lora(load_model("tiny"), 4, alpha=8, targets="q_proj,down_proj")
     mods = dict(lora_modules(lora))
