@@ -33,7 +33,10 @@ sys.path.insert(0, ROOT)
 QWEN25_7B = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, n_layers=28, n_heads=28, n_kv_heads=4,
                  head_dim=128, intermediate_size=18944, rms_eps=1e-6, rope_theta=1e6, max_seq_len=32768,
                  tie_embeddings=False, attn_bias=True)
-SHAPES = {"qwen2.5-7b": QWEN25_7B, "small": dict(QWEN25_7B, vocab_size=512, hidden_size=64, n_layers=2, n_heads=4,
+SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, n_layers=30, n_heads=9, n_kv_heads=3,
+                    head_dim=64, intermediate_size=1536, rms_eps=1e-5, rope_theta=1e5, max_seq_len=8192,
+                    tie_embeddings=True, attn_bias=False)
+SHAPES = {"qwen2.5-7b": QWEN25_7B, "smollm2-135m": SMOLLM2_135M, "small": dict(QWEN25_7B, vocab_size=512, hidden_size=64, n_layers=2, n_heads=4,
                                                    n_kv_heads=2, head_dim=16, intermediate_size=128, max_seq_len=512)}
 
 
