@@ -24,6 +24,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="tiny", help="HF directory, .gguf file, 'tiny' or 'smollm2-135m'")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--merge-lora", default=None, metavar="DIR",
+                   help="write --model (a LoRA run or PEFT adapter) merged into its base, as a full HF model, to DIR")
     # what to generate
     p.add_argument("--prompt", default=None, help="the prompt text")
     p.add_argument("--chat", default=None, action=argparse.BooleanOptionalAction,
@@ -133,6 +135,13 @@ def run_eval(args, model, tok):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge_lora:
+        if not os.path.isfile(os.path.join(args.model, "adapter_config.json")):
+            raise UserError(f"--merge-lora: {args.model} holds no adapter_config.json; pass a LoRA run directory")
+        model, tok = load(args)  # load_model merges a LoRA run's adapter into its base
+        model.save_pretrained(args.merge_lora, tokenizer=tok)
+        print(f"merged model written to {args.merge_lora}", file=sys.stderr)
+        return None
     if (args.prompt is None) == (args.task is None):
         raise UserError("pass exactly one of --prompt TEXT or --task NAME --eval")
     if args.task is not None and not args.eval:

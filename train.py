@@ -29,6 +29,7 @@ import torch
 
 from nanorl import UserError, algos, config, sinks
 from nanorl import dist as D
+from nanorl import lora
 from nanorl.checkpoint import atomic_file, latest_state, load_state, save_state
 from nanorl.model import config_summary, load_model
 from nanorl.plot import plot
@@ -41,7 +42,7 @@ from nanorl.tokenizer import load_tokenizer
 
 # flags that may differ between a run and its --resume (everything else must match)
 RESUMABLE = {"steps", "resume", "save_every", "eval_every", "eval_n", "out", "dist_timeout", "progress", "max_bad_steps",
-             "log", "config"}
+             "log", "config", "merge_lora"}
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -101,6 +102,13 @@ def parse_args(argv=None):
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per epoch over a rollout batch")
     p.add_argument("--micro-batch", type=int, default=64, help="sequences per forward/backward")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward: less memory")
+    # LoRA (nanorl/lora.py): adapters on the frozen base, saved as a PEFT adapter; 0 = full fine-tuning
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r (0: full fine-tuning); lr default x10")
+    p.add_argument("--lora-alpha", type=float, default=32.0, help="the update is scaled by alpha / r")
+    p.add_argument("--lora-targets", default="all-linear", help="all-linear (q k v o gate up down) or a comma list")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--lora-init", default=None, help="a PEFT adapter dir to continue training (its base is --model)")
+    p.add_argument("--merge-lora", action="store_true", help="also write the merged full HF model to OUT/merged")
     # supervised warm start (SFT on the task's reference solutions), cached on disk
     p.add_argument("--warm-start-steps", type=int, default=None, help="default: 300 for tiny, 0 otherwise")
     p.add_argument("--warm-start-lr", type=float, default=2e-3)
@@ -132,10 +140,14 @@ def parse_args(argv=None):
     config.apply(p, argv)  # the --config file's values become the defaults
     args = p.parse_args(argv)
     tiny = args.model == "tiny"
+    lora_lr = args.lora_rank > 0 and args.lr is None  # LoRA Without Regret: ~10x the full fine-tuning lr
     for name, small, big in (("max_new_tokens", 32, 256), ("steps", 80, 100), ("lr", 1e-4, 1e-6),
                              ("warm_start_steps", 300, 0)):
         if getattr(args, name) is None:
             setattr(args, name, small if tiny else big)
+    args.lr *= 10 if lora_lr else 1
+    if args.lora_rank < 0 or (args.lora_rank == 0 and (args.lora_init or args.merge_lora)):
+        raise UserError(f"--lora-rank {args.lora_rank}: use r >= 1 with --lora-init / --merge-lora (0 = full fine-tuning)")
     overrides = {k[5:]: v for k, v in vars(args).items() if k.startswith("algo_")}
     if overrides.get("agg", algos.PRESETS.get(args.algo, algos.AlgoConfig()).agg) == "token_sum_norm":
         overrides.setdefault("l_max", args.max_new_tokens)
@@ -211,7 +223,7 @@ def sft_steps(model, tok, task, args, device, steps, lr, log=None, desc="warm st
     first RL steps (Adam's first updates are sign steps of size lr) do more harm than good.
     """
     policy = Policy(model, impl=args.kernel_impl)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     eos = tok.eos_ids[0]
     stream = PromptStream(task, D.rank(), D.world_size())
     batch = args.prompts_per_step * args.cfg.group_size
@@ -259,6 +271,44 @@ def warm_start(model, tok, task, args, device, log):
     D.barrier()
     log(f"warm start: {args.warm_start_steps} SFT steps in {time.time() - t0:.0f}s, cached in {cache}")
     return model
+
+
+def apply_lora(model, tok, args, log, base_dir=None, fresh=True):
+    """--lora-rank: freeze `model` and add adapters (or --lora-init's, to continue them). Returns the HF directory
+    the saved adapter names as its base: base_dir (the warm-started init/), --model when it is an HF directory,
+    else the base written once into OUT/base (an alias, a GGUF, a LoRA run), rewritten unless resuming."""
+    if base_dir is None:
+        hf = os.path.isfile(os.path.join(args.model, "config.json")) and not lora.is_adapter_dir(args.model)
+        base_dir = args.model if hf else os.path.join(args.out, "base")
+        if not hf and D.is_main() and (fresh or not os.path.isdir(base_dir)):
+            model.save_pretrained(base_dir, tokenizer=tok)
+        D.barrier()
+    if args.lora_init:
+        if not lora.is_adapter_dir(args.lora_init):
+            raise UserError(f"--lora-init {args.lora_init}: no adapter_config.json there; pass a PEFT adapter directory")
+        lora.load_adapter(model, args.lora_init, seed=args.seed)
+        if model.lora_config["r"] != args.lora_rank:
+            raise UserError(f"--lora-init {args.lora_init} has rank {model.lora_config['r']}; pass --lora-rank "
+                            f"{model.lora_config['r']}")
+    else:
+        lora.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets, args.lora_dropout, seed=args.seed)
+    model.train()  # LoRA dropout in the trainer's forwards; the sampler's merged copy stays in eval mode
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    c = model.lora_config
+    log(f"LoRA r={c['r']} alpha={c['lora_alpha']:g} on {','.join(c['target_modules'])}: {n / 1e6:.2f}M trainable "
+        f"parameters, lr {args.lr:g}")
+    return os.path.abspath(base_dir)
+
+
+def save_policy(model, tok, args, lora_base, state=None):
+    """The run's policy in --out: a PEFT adapter over lora_base (LoRA), else the full model in HF format.
+    Rank 0 only (under FSDP pass `state`, the gathered state dict)."""
+    if lora_base is not None:  # state: the model's or the policy's state dict (keys "model.layers...")
+        tensors = lora.adapter_tensors(model.state_dict() if state is None else state, "model.")
+        lora.save_adapter(args.out, tensors, model.lora_config, lora_base, tok)
+    else:
+        lora.remove_adapter(args.out)  # a LoRA run's leftovers would make load_model(OUT) load those
+        model.save_pretrained(args.out, tokenizer=tok)
 
 
 # -----------------------------------------------------------------------------
@@ -349,7 +399,8 @@ def update(wrapped, policy, ref, batch, args, cfg, pad_id, device, ctl, tracker,
     if (n_updates > 1 and not cfg.on_policy) or cfg.needs_value or cfg.top_entropy_quantile < 1 or kl_reward:
         old_lp, ent0, values = forward_all(policy, prompts, comps, pad_id, device, mb, args.temperature, G)
     if ref is not None:
-        ref_lp = forward_all(ref, prompts, comps, pad_id, device, mb, args.temperature, G)[0]
+        with lora.disabled(ref.model):  # with LoRA the reference is the policy itself, adapters off
+            ref_lp = forward_all(ref, prompts, comps, pad_id, device, mb, args.temperature, G)[0]
     rollout_lp = token_matrix(batch["sampler_logp"], T, device)
     token_rewards = None
     if kl_reward:
@@ -431,10 +482,9 @@ def _copy_weights(dst, src):
     """Refresh the sampler's copy of the policy (FSDP shards are gathered); no-op when they are one."""
     if dst is src:
         return
-    sd = src.state_dict()
-    for k, v in dst.state_dict().items():
-        x = sd[k]
-        v.copy_(x.full_tensor() if hasattr(x, "full_tensor") else x)
+    dst_sd = dst.state_dict()
+    for k, x in lora.merged_items(src):  # LoRA: W + (alpha / r) B A from the unmerged base, every time
+        dst_sd[k].copy_(x.full_tensor() if hasattr(x, "full_tensor") else x)
 
 
 def _states(policy, opt):
@@ -443,11 +493,17 @@ def _states(policy, opt):
     return get_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def _load_states(policy, opt, model_state, optim_state):
+def _load_states(policy, opt, model_state, optim_state, strict=True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     set_state_dict(policy, opt, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=StateDictOptions(full_state_dict=True))
+                   options=StateDictOptions(full_state_dict=True, strict=strict))
+
+
+def _merge_lora(args, tok):
+    """--merge-lora: the run's merged full model (base + adapter) in HF format, in OUT/merged."""
+    if args.merge_lora and D.is_main():
+        load_model(args.out).save_pretrained(os.path.join(args.out, "merged"), tokenizer=tok)
 
 
 def _summary(out, **kw):
@@ -485,9 +541,11 @@ def main(argv=None):
     tok = load_tokenizer(args.model)
     if cfg.kind == "pref":
         model = load_model(args.model, device=device, seed=args.seed)
+        lora_base = apply_lora(model, tok, args, log) if args.lora_rank else None
         acc_before, acc_after, steps, secs = train_preference(model, tok, args, cfg, device, log, metrics_log)
         if D.is_main():
-            model.save_pretrained(args.out, tokenizer=tok)
+            save_policy(model, tok, args, lora_base)
+        _merge_lora(args, tok)
         _summary(args.out, acc_before=acc_before, acc_after=acc_after, steps=steps, seconds=round(secs, 1), algo=cfg.name)
         log(f"held-out preference accuracy: before {acc_before:.3f} -> after {acc_after:.3f}")
         metrics_log.close()
@@ -500,10 +558,12 @@ def main(argv=None):
     check_prompts(task, tok, args, model.cfg.max_seq_len, eval_examples)
     if cfg.kind == "sft":  # --algo sft: the warm start's supervised loop as the whole run
         acc_before = evaluate(model, tok, task, args, device, eval_examples)
+        lora_base = apply_lora(model, tok, args, log) if args.lora_rank else None
         sft_steps(model, tok, task, args, device, args.steps, args.lr, log, desc="sft", metrics=metrics_log)
         acc_after = evaluate(model, tok, task, args, device, eval_examples)
         if D.is_main():
-            model.save_pretrained(args.out, tokenizer=tok)
+            save_policy(model, tok, args, lora_base)
+        _merge_lora(args, tok)
         _summary(args.out, acc_before=acc_before, acc_after=acc_after, steps=args.steps,
                  seconds=round(time.time() - t_start, 1), algo=cfg.name)
         log(f"held-out greedy accuracy: before {acc_before:.3f} -> after SFT {acc_after:.3f}")
@@ -514,13 +574,20 @@ def main(argv=None):
         model = warm_start(model, tok, task, args, device, log)
         if rank == 0:
             model.save_pretrained(init_dir, tokenizer=tok)
-    ref = Policy(_copy_model(model).requires_grad_(False), impl=args.kernel_impl) if cfg.needs_ref else None
+    ref = Policy(_copy_model(model).requires_grad_(False), impl=args.kernel_impl) \
+        if cfg.needs_ref and not args.lora_rank else None
     model.gradient_checkpointing = args.grad_checkpointing
-    # the sampler's weights: the policy itself on one CPU process, else a copy (bf16 on GPU) refreshed each step
-    sampler_model = model if device.type == "cpu" and not args.fsdp else \
+    # the sampler's weights: the policy itself on one CPU process, else a copy (bf16 on GPU) refreshed each step;
+    # with LoRA always a copy, made before the adapters: a plain model that receives the merged weights
+    sampler_model = model if device.type == "cpu" and not args.fsdp and not args.lora_rank else \
         _copy_model(model, torch.bfloat16 if device.type == "cuda" else None)
+    lora_base = None
+    if args.lora_rank:
+        lora_base = apply_lora(model, tok, args, log, init_dir if args.warm_start_steps else None, fresh=saved is None)
     value_head = algos.ValueHead(model.cfg.hidden_size).to(device) if cfg.needs_value else None
     policy = Policy(model, value_head, args.kernel_impl)
+    if args.lora_rank and cfg.needs_ref:  # the reference is the same model with its adapters off: no copy
+        ref = policy
     wrapped = D.wrap(policy, fsdp=args.fsdp)
     # fused: one kernel over all parameters (SmolLM2-135M on the CI CPU: 0.08 s a step instead of 0.42 s)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr,
@@ -532,7 +599,7 @@ def main(argv=None):
     step, acc_before, bad_steps, skipped_total = 0, None, 0, 0
     if saved is not None:
         model_state, optim_state, _ = load_state(state_dir)
-        _load_states(policy, opt, model_state, optim_state)
+        _load_states(policy, opt, model_state, optim_state, strict=not args.lora_rank)
         _copy_weights(sampler_model, model)
         step, acc_before, stream.position = saved["step"], saved["acc_before"], saved["position"]
         skipped_total = saved["skipped"]
@@ -563,13 +630,15 @@ def main(argv=None):
 
     def checkpoint(step):
         msd, osd = _states(policy, opt)
+        if args.lora_rank:  # the frozen base is --model (or OUT/init, OUT/base): the checkpoint holds what trains
+            msd = lora.trainable_state(msd, policy)
         st = dict(step=step, acc_before=acc_before, position=stream.position, args=run_args, skipped=skipped_total,
                   ctl={k: c.state_dict() for k, c in ctl.items()},
                   tracker=tracker.state_dict() if tracker is not None else None)
         if rank == 0:
             save_state(args.out, step, msd, osd, st)
-            (model if device.type == "cpu" and not args.fsdp else _fp32(sampler_model, msd)).save_pretrained(
-                args.out, tokenizer=tok)
+            save_policy(model if device.type == "cpu" and not args.fsdp or args.lora_rank else _fp32(sampler_model, msd),
+                        tok, args, lora_base, msd)
         D.barrier()
 
     bar = None
@@ -618,6 +687,7 @@ def main(argv=None):
         log(f"stopped by signal {stop['signal']}: checkpoint saved at step {step}; continue with --resume")
         return 0
     acc_after = evaluate(sampler_model, tok, task, args, device, eval_examples)
+    _merge_lora(args, tok)
     seconds = time.time() - t_start
     _summary(args.out, acc_before=acc_before, acc_after=acc_after, steps=step, seconds=round(seconds, 1),
              algo=cfg.name, task=task.name, model=args.model)

@@ -486,11 +486,12 @@ class Transformer(nn.Module):
         from safetensors.torch import save_file
 
         from nanorl.checkpoint import atomic_files
+        from nanorl.lora import merged_state_dict
 
         cfg = self.cfg.to_hf()
         cfg["torch_dtype"] = str(self.dtype).replace("torch.", "")
         state = {}
-        for name, t in self.state_dict().items():
+        for name, t in merged_state_dict(self).items():  # a LoRA model saves as its merged full model
             if name == "lm_head.weight" and self.cfg.tie_embeddings:
                 continue
             state[name if name == "lm_head.weight" else "model." + name] = t.detach().contiguous().cpu()
@@ -604,7 +605,8 @@ def resolve(path_or_alias):
 
 
 def load_model(path_or_alias, dtype=None, device=None, seed=0):
-    """Load a model: an HF directory, a .gguf file, 'tiny' (random init) or 'smollm2-135m'.
+    """Load a model: an HF directory, a .gguf file, 'tiny' (random init) or 'smollm2-135m'; a LoRA run
+    directory (a PEFT adapter whose base_model_name_or_path exists) loads as its base with the adapter merged.
 
     dtype defaults to float32 (training keeps fp32 master weights; the GPU sampler casts to bf16).
     """
@@ -618,6 +620,10 @@ def load_model(path_or_alias, dtype=None, device=None, seed=0):
     path = resolve(path_or_alias)
     if not os.path.exists(path):
         raise UserError(f"model path {path!r} does not exist; pass an HF model directory, a .gguf file, 'tiny' or 'smollm2-135m'")
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter_config.json")):
+        from nanorl.lora import load_merged  # a LoRA run directory (or any PEFT adapter): its merged model
+
+        return load_merged(path, dtype, device)
     if os.path.isdir(path):
         return _load_hf_dir(path, dtype, device)
     if path.endswith(".gguf"):

@@ -2,7 +2,8 @@
 
 The loss pieces (DPO 2305.18290, IPO 2310.12036, conservative/robust DPO, length-normalised and SimPO
 variants) are in nanorl/losses_offline.py; this file is the small loop around them: the reference is a
-frozen copy of the initial policy, the last 10% of the pairs (at most 200) are held out.
+frozen copy of the initial policy (with LoRA: the policy itself with its adapters off, no copy), the last
+10% of the pairs (at most 200) are held out.
 """
 
 import copy
@@ -11,7 +12,7 @@ import time
 
 import torch
 
-from nanorl import UserError, algos
+from nanorl import UserError, algos, lora
 from nanorl.data import read_rows, splits
 from nanorl.policy import Policy, autocast, collate
 
@@ -40,9 +41,9 @@ def train_preference(model, tok, args, cfg, device, log, metrics):
     rows = read_pairs(args.data)
     n_eval = min(200, max(1, len(rows) // 10))
     train_rows, eval_rows = rows[:-n_eval], rows[-n_eval:]
-    ref = Policy(copy.deepcopy(model).requires_grad_(False), impl=args.kernel_impl)
     policy = Policy(model, impl=args.kernel_impl)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    ref = policy if lora.has_lora(model) else Policy(copy.deepcopy(model).requires_grad_(False), impl=args.kernel_impl)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     eos = tok.eos_ids[0]
 
     def encode(rs):
@@ -74,7 +75,7 @@ def train_preference(model, tok, args, cfg, device, log, metrics):
         rs = [train_rows[(step * args.prompts_per_step + i) % len(train_rows)] for i in range(args.prompts_per_step)]
         for s in range(0, len(rs), args.micro_batch):
             part = rs[s:s + args.micro_batch]
-            with torch.no_grad():
+            with torch.no_grad(), lora.disabled(ref.model):
                 rc, rr, _, _ = seq_logps(ref, part)
             pc, pr, lc, lr = seq_logps(policy, part)
             loss, mets = algos.preference_loss(pc, pr, rc, rr, cfg, lc, lr, n_pairs=len(rs))
