@@ -69,13 +69,17 @@ def last_token_rewards(rewards, mask):
 
 
 def reward_to_go(token_rewards, mask, gamma=1.0):
-    """G_t = sum_{t'>=t} gamma^(t'-t) r_t' within the valid tokens of each row."""
-    m = mask.to(token_rewards.dtype)
+    """G_t = sum_{t'>=t} gamma^(t'-t) r_t' over the valid tokens of each row, zero elsewhere.
+
+    Masked positions are skipped, not reset: the sum carries across a mask's holes (a multi-turn
+    episode's injected observations), and gamma counts the policy's own tokens only, as in gae.
+    """
+    m = mask.to(token_rewards.dtype) > 0
     out, running = torch.zeros_like(token_rewards), torch.zeros_like(token_rewards[:, 0])
     for t in reversed(range(token_rewards.shape[1])):
-        running = (token_rewards[:, t] + gamma * running) * m[:, t]
+        running = torch.where(m[:, t], token_rewards[:, t] + gamma * running, running)
         out[:, t] = running
-    return out
+    return out * m
 
 
 def gae(token_rewards, values, mask, gamma=1.0, lam=1.0):
