@@ -275,7 +275,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
                 if (cpu_gemm_rows(B_now - n_done) < cpu_gemm_rows(B_now) if device.type == "cpu"
                         else n_done >= max(1, B_now // 8)):
                     keep = cache.drop(done)
-                    row_id, done, tok = row_id[keep], done[keep], tok[keep]
+                    row_id, done, tok, turn_len = row_id[keep], done[keep], tok[keep], turn_len[keep]
                     step = None  # a new batch size (and a captured graph points at the old cache tensors)
             if use_graph:
                 step = step or _StaticStep(model, cache)
