@@ -256,6 +256,7 @@ def update(wrapped, policy, ref, batch, args, cfg, pad_id, device, ctl, tracker,
         token_rewards = algos.kl_reward(R, old_lp, ref_lp, mask, ctl["kl"].value, cfg.kl_estimator)
     A = algos.advantages(R, G, cfg, mask=mask, token_rewards=token_rewards, values=values,
                          baseline=batch.get("baseline"), lengths=mask.sum(-1), prompt_ids=[ex.id for ex in batch["ex"]],
+                         steps=[(e.state_keys, e.turn_spans) for e in batch["episodes"]],
                          tracker=tracker, all_reduce=D.all_reduce)
     A = A * (valid[:, None] if A.dim() == 2 else valid)  # padding groups carry no signal
     returns = None

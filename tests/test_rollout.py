@@ -319,3 +319,23 @@ def test_env_plugin_errors_are_one_line(tmp_path):
         with pytest.raises(UserError) as e:
             load_env(spec)
         assert words in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith("--env")
+
+
+def test_gigpo_hand_computed():
+    from nanorl.advantages import gigpo
+
+    # G = 3 episodes of one prompt; turns starting from anchor "A" form one step group, "B" and "C" are alone
+    R = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 1, 1, 0], [1, 1, 0, 1, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.float64)
+    steps = [(["A", "B"], [(0, 2), (3, 5)]), (["A", "C"], [(0, 2), (3, 4)]), (["A"], [(0, 3)])]
+    A = gigpo(R, 3, steps, mask, gamma=0.5, w=1.0, eps=0.0)
+    a = 1 / 3 ** 0.5  # episode z-scores: (R - 2/3) / std, std = sqrt(1/3) (Bessel): a, -2a, a
+    # step returns at "A": 0.5 * 1, 0.5 * 0, 1 * 1 -> mean 0.5, std 0.5 -> z = 0, -1, 1
+    want = torch.tensor([[a, a, 0, a, a, 0], [-2 * a - 1, -2 * a - 1, 0, -2 * a, 0, 0], [a + 1, a + 1, a + 1, 0, 0, 0]],
+                        dtype=torch.float64)
+    assert torch.allclose(A, want, atol=1e-12)
+    # through advantages() with the preset; without anchors (None) it is GRPO's z-score on every token
+    cfg = algos.make_config("gigpo", gamma=0.5, adv_eps=0.0)
+    assert torch.allclose(algos.advantages(R, 3, cfg, mask=mask, steps=steps), want, atol=1e-12)
+    plain = algos.advantages(R, 3, cfg, mask=mask, steps=[([None] * len(k), s) for k, s in steps])
+    assert torch.allclose(plain, torch.tensor([a, -2 * a, a], dtype=torch.float64)[:, None] * mask, atol=1e-12)
