@@ -2,11 +2,12 @@
 
     python train.py                                         # the embedded default: tiny model, arith, GRPO, CPU
     python train.py --algo dapo --model smollm2-135m --task rg:basic_arithmetic --steps 4
+    python train.py --task calc                             # multi-turn: the tiny model learns to call a calculator
     torchrun --nproc_per_node=8 train.py --algo grpo --model path/to/Qwen2.5-1.5B-Instruct --task gsm8k --data gsm8k/
 
-One step (DESIGN.md): sample n completions per prompt with nanorl.sampler -> score them with the task's
-verifiable reward -> shape rewards, drop constant groups (dynamic sampling draws more prompts) ->
-advantages -> for each epoch, mini-batch and micro-batch: hidden states -> kernels.fused_logprobs ->
+One step (DESIGN.md): sample n episodes per prompt with nanorl.rollout (one turn, or several with tool
+results / environment feedback injected between them) -> score them with the task's verifiable reward ->
+shape rewards, drop constant groups (dynamic sampling draws more prompts) -> advantages -> for each epoch, mini-batch and micro-batch: hidden states -> kernels.fused_logprobs ->
 algos.loss with globally all-reduced normalising counts -> backward -> AdamW step -> metrics, eval,
 checkpoint. Any field of the --algo preset can be overridden: --eps-high 0.28, --kl-coef 0, ...
 

@@ -7,6 +7,10 @@ How a call runs:
    never recomputed n times (cf. Prefix Grouper, 2506.05433, for the same idea in training).
 3. Decode: one token per active row per step. Rows that finish (a stop token, or max_new_tokens)
    are dropped from the batch ("compaction") once enough of them have, so they stop costing compute.
+4. Multi-turn (on_turn_end, used by nanorl.rollout): a row that samples a stop token hands its tokens to
+   the environment and, if it gets an observation back, stays in the batch: the observation's tokens are
+   fed through the same decode step one per step (nanochat's forced tokens), reusing the row's KV cache,
+   so rows in different turns share every step. Injected tokens get mask 0 and logprob 0.0.
 
 Log-probabilities. `Completion.logprobs[t]` is log softmax(z_t / temperature)[token_t] over the FULL
 vocabulary: exactly what the trainer's forward pass computes for the same token at the same

@@ -2,6 +2,7 @@
 
     make_task(name, data=None, seed=0, reward_fn=None) -> Task
     name: arith[:digits=2,ops=+,terms=2,worked=0.5] | countdown[:n=3,max_num=99,max_target=100] | gsm8k | math
+          | calc[:digits=3,terms=3,ops=+*,tools=1,tool_frac=0.3] | guess[:n=16]
           | rg:NAME[:key=value,...] (any reasoning-gym dataset, options go to its config)
 
 A Task gives train_example(i) (deterministic in (seed, i); procedural tasks are infinite, files cycle
@@ -37,6 +38,8 @@ rg:NAME    reasoning_gym.create_dataset(NAME): question/answer of its entries, g
            default system prompt (answer in <answer> </answer>). Extraction: the last <answer> block, else
            the first line. Format: an answer block, or a one-line completion (raw). Training draws fresh
            dataset seeds chunk by chunk (infinite); evaluation uses seeds 0..n-1.
+
+calc, guess multi-turn tasks with a calculator tool / higher-lower feedback: see nanorl/tool_tasks.py.
 
 Files without a test split hold out their last 10% (at most 500) lines. Solutions (Example.solution,
 for supervised warm starts) are the bare answer for countdown/rg, bare or worked for arith, the worked

@@ -339,3 +339,27 @@ def test_gigpo_hand_computed():
     assert torch.allclose(algos.advantages(R, 3, cfg, mask=mask, steps=steps), want, atol=1e-12)
     plain = algos.advantages(R, 3, cfg, mask=mask, steps=[([None] * len(k), s) for k, s in steps])
     assert torch.allclose(plain, torch.tensor([a, -2 * a, a], dtype=torch.float64)[:, None] * mask, atol=1e-12)
+
+
+def test_sample_transcript_marks_injected_spans():
+    import sample
+
+    tok = load_tokenizer("tiny")
+    call, obs, ans = tok.encode("<calc>1+2</calc>") + [2], tok.encode("<result>3</result>"), tok.encode("3") + [2]
+    e = Episode(tok.encode("1+2="), call + obs + ans, [1] * len(call) + [0] * len(obs) + [1] * len(ans),
+                [0.0] * 30, 1.0, 2, "stop")
+    assert sample.transcript(tok, e) == "1+2=<calc>1+2</calc><|eos|>⟪<result>3</result>⟫3<|eos|>"
+
+
+def test_train_runs_a_multi_turn_task_with_gigpo(tmp_path):
+    import train
+
+    out = str(tmp_path / "out")
+    assert train.main(["--model", "tiny", "--task", "guess:n=8", "--algo", "gigpo", "--steps", "2",
+                       "--prompts-per-step", "2", "-n", "4", "--max-new-tokens", "4", "--max-turns", "3",
+                       "--eval-n", "4", "--warm-start-steps", "2", "--out", out, "--progress", "false"]) == 0
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(rows) == 2
+    for r in rows:
+        assert 1 <= r["turns"] <= 3 and r["tool_calls"] == 0 and r["obs_truncated"] == 0
+        assert r["response_len"] <= 3 * 4  # policy tokens only: at most max_turns x max_new_tokens
