@@ -7,8 +7,8 @@
 
 One step (DESIGN.md): sample n episodes per prompt with nanorl.rollout (one turn, or several with tool
 results / environment feedback injected between them) -> score them with the task's verifiable reward ->
-shape rewards, drop constant groups (dynamic sampling draws more prompts) -> advantages -> for each epoch, mini-batch and micro-batch: hidden states -> kernels.fused_logprobs ->
-algos.loss with globally all-reduced normalising counts -> backward -> AdamW step -> metrics, eval,
+shape rewards, drop constant groups (dynamic sampling draws more prompts) -> advantages -> for each epoch,
+mini-batch and micro-batch: hidden states -> kernels.fused_logprobs -> algos.loss with globally all-reduced normalising counts -> backward -> AdamW step -> metrics, eval,
 checkpoint. Any field of the --algo preset can be overridden: --eps-high 0.28, --kl-coef 0, ...
 
 The policy keeps fp32 master weights; on GPU the forward runs under bf16 autocast and the sampler uses
@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -36,7 +35,8 @@ from nanorl.model import config_summary, load_model
 from nanorl.policy import Policy, autocast, collate, forward_all, token_matrix
 from nanorl.env import load_env
 from nanorl.preference import train_preference
-from nanorl.rollout import encode_prompt, evaluate, reference_episode, rollout
+from nanorl.rollout import PromptStream, check_prompts, evaluate, rollout
+from nanorl.warm_start import sft_steps, warm_start
 from nanorl.tasks import make_task
 from nanorl.tokenizer import load_tokenizer
 
@@ -139,90 +139,6 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
     return args
-
-
-# -----------------------------------------------------------------------------
-# data, evaluation, warm start
-
-
-class PromptStream:
-    """This rank's training examples, in a fixed order given the seed; `position` is saved in checkpoints."""
-
-    def __init__(self, task, rank, world):
-        self.task, self.rank, self.world, self.position = task, rank, world, 0
-
-    def next(self, n_global):
-        """This rank's share of the next n_global examples, with their global indices (the sampling seeds)."""
-        idx = [self.position + i for i in range(self.rank, n_global, self.world)]
-        self.position += n_global
-        return idx, [self.task.train_example(i) for i in idx]
-
-
-def check_prompts(task, tok, args, context, eval_examples):
-    """A data file's prompts must leave room to answer: fail at the start, naming the line, not hours in."""
-    if task.n_train is None:  # procedural tasks draw short prompts
-        return
-    for ex in [task.train_example(i) for i in range(task.n_train)] + list(eval_examples):
-        n = len(encode_prompt(task, ex, tok, args.chat))
-        if n >= context:
-            where = ex.meta.get("where", f"{task.name} example {ex.id}")
-            raise UserError(f"{where}: the prompt has {n} tokens but the model's context is {context}; "
-                            f"shorten or delete the line")
-
-
-def sft_steps(model, tok, task, args, device, steps, lr, log=None, desc="warm start", metrics_out=None):
-    """Supervised fine-tuning on the task's reference solutions (+ EOS): -log pi of the solution tokens.
-
-    A step sees as many sequences as an RL step trains on (prompts_per_step x group_size). The lr warms
-    up, then stays constant: decaying it to zero would leave the model at a sharp point where the
-    first RL steps (Adam's first updates are sign steps of size lr) do more harm than good.
-    """
-    policy = Policy(model, impl=args.kernel_impl)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    stream = PromptStream(task, D.rank(), D.world_size())
-    batch = args.prompts_per_step * args.cfg.group_size
-    model.train()
-    for step in range(steps):
-        exs = stream.next(batch)[1]
-        refs = [reference_episode(task, ex, tok, args.chat) for ex in exs]  # (prompt, tokens, mask): turns + EOS
-        inp = collate([r[0] for r in refs], [r[1] for r in refs], tok.pad_id, device, masks=[r[2] for r in refs])
-        n_tok = D.all_reduce(inp["mask"].sum())
-        with autocast(device):
-            logp, _, _ = policy(inp)
-        loss, _ = algos.sft_loss(logp, inp["mask"], n_tokens=n_tok)
-        (loss * D.world_size()).backward()
-        for p in model.parameters():  # plain gradient averaging: this runs before DDP wraps the policy
-            if p.grad is not None:
-                D.all_reduce(p.grad)
-                p.grad /= D.world_size()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if metrics_out:
-            _append_metrics(metrics_out, {"step": step + 1, "nll": float(loss.detach()), "lr": opt.param_groups[0]["lr"]})
-        if log and (step % 50 == 0 or step == steps - 1):
-            log(f"{desc} step {step + 1}/{steps}: nll {loss.item():.3f}")
-    model.eval()
-
-
-def warm_start(model, tok, task, args, device, log):
-    """Run (or load from the cache) the supervised warm start; the cache key covers everything it depends on."""
-    key = json.dumps(["v1", args.model, args.task, args.data, args.chat, args.seed, args.warm_start_steps,
-                      args.warm_start_lr, args.warmup_steps, args.prompts_per_step, args.cfg.group_size, D.world_size()])
-    cache = os.path.join(os.environ.get("NANORL_CACHE", os.path.expanduser("~/.cache/nanorl")),
-                         "warm-" + hashlib.sha256(key.encode()).hexdigest()[:16])
-    if os.path.isfile(os.path.join(cache, "model.safetensors")):
-        log(f"warm start: loading the cached model from {cache}")
-        return load_model(cache, device=device)
-    t0 = time.time()
-    sft_steps(model, tok, task, args, device, args.warm_start_steps, args.warm_start_lr, log)
-    if D.is_main():
-        model.save_pretrained(cache, tokenizer=tok)
-    D.barrier()
-    log(f"warm start: {args.warm_start_steps} SFT steps in {time.time() - t0:.0f}s, cached in {cache}")
-    return model
 
 
 # -----------------------------------------------------------------------------
@@ -449,7 +365,8 @@ def main(argv=None):
     check_prompts(task, tok, args, model.cfg.max_seq_len, eval_examples)
     if cfg.kind == "sft":  # --algo sft: the warm start's supervised loop as the whole run
         acc_before = evaluate(model, tok, task, args, device, eval_examples)
-        sft_steps(model, tok, task, args, device, args.steps, args.lr, log, desc="sft", metrics_out=args.out)
+        sft_steps(model, tok, task, args, device, args.steps, args.lr, log, desc="sft",
+                  on_metrics=lambda row: _append_metrics(args.out, row))
         acc_after = evaluate(model, tok, task, args, device, eval_examples)
         if D.is_main():
             model.save_pretrained(args.out, tokenizer=tok)

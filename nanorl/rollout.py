@@ -50,6 +50,31 @@ class Episode:
     env_rewarded: bool = False   # the reward came from the environment's steps
 
 
+class PromptStream:
+    """This rank's training examples, in a fixed order given the seed; `position` is saved in checkpoints."""
+
+    def __init__(self, task, rank, world):
+        self.task, self.rank, self.world, self.position = task, rank, world, 0
+
+    def next(self, n_global):
+        """This rank's share of the next n_global examples, with their global indices (the sampling seeds)."""
+        idx = [self.position + i for i in range(self.rank, n_global, self.world)]
+        self.position += n_global
+        return idx, [self.task.train_example(i) for i in idx]
+
+
+def check_prompts(task, tok, args, context, eval_examples):
+    """A data file's prompts must leave room to answer: fail at the start, naming the line, not hours in."""
+    if task.n_train is None:  # procedural tasks draw short prompts
+        return
+    for ex in [task.train_example(i) for i in range(task.n_train)] + list(eval_examples):
+        n = len(encode_prompt(task, ex, tok, args.chat))
+        if n >= context:
+            where = ex.meta.get("where", f"{task.name} example {ex.id}")
+            raise UserError(f"{where}: the prompt has {n} tokens but the model's context is {context}; "
+                            f"shorten or delete the line")
+
+
 def encode_prompt(task, ex, tok, chat):
     ids = tok.encode(task.prompt(ex, tok, chat))
     if not ids:

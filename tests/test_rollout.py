@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-from conftest import ROOT
 
 from nanorl import UserError, algos
 from nanorl.advantages import reward_to_go
