@@ -104,7 +104,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward: less memory")
     # supervised warm start (SFT on the task's reference solutions), cached on disk
     p.add_argument("--warm-start-steps", type=int, default=None, help="default: DEFAULTS")
-    p.add_argument("--warm-start-lr", type=float, default=2e-3)
+    p.add_argument("--warm-start-lr", type=float, default=None, help="default: 2e-3 for tiny, --lr otherwise")
     # evaluation, logging, checkpoints
     p.add_argument("--out", default="out", help="run directory: policy (HF format), state, metrics")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -139,6 +139,8 @@ def parse_args(argv=None):
         n = 0 if tiny else param_count(args.model)
         args.lr = TINY_LR if tiny else next(lr for size, lr in REAL_LR if n <= size)
         args.defaults += "" if tiny else f", {n / 1e6:.0f}M parameters"
+    if args.warm_start_lr is None:  # supervised steps on a real model take the RL lr: 2e-3 would wreck it
+        args.warm_start_lr = 2e-3 if tiny else args.lr
     overrides = {k[5:]: v for k, v in vars(args).items() if k.startswith("algo_")}
     if overrides.get("agg", algos.PRESETS.get(args.algo, algos.AlgoConfig()).agg) == "token_sum_norm":
         overrides.setdefault("l_max", args.max_new_tokens)
