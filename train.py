@@ -51,11 +51,11 @@ DEFAULTS = {  # flag: (tiny, real model on a CPU, real model on a GPU)
     "prompts_per_step": (32, 4, 32),       # x group_size 8 (the --algo preset's) samples per step
     "max_new_tokens":   (32, 64, 256),
     "temperature":      (1.0, 1.0, 1.0),
-    "steps":            (80, 30, 100),
-    "warmup_steps":     (10, 3, 10),       # linear warm-up, then a constant lr (verl, DAPO)
+    "steps":            (80, 24, 100),
+    "warmup_steps":     (10, 10, 10),      # linear warm-up, then a constant lr (verl, DAPO)
     "warm_start_steps": (300, 0, 0),       # a real instruct model needs no supervised warm start
 }
-REAL_LR = ((3e8, 2e-5), (1e9, 5e-6), (4e9, 2e-6), (float("inf"), 1e-6))  # real models: (up to N params, lr)
+REAL_LR = ((3e8, 1e-5), (1e9, 3e-6), (4e9, 2e-6), (float("inf"), 1e-6))  # real models: (up to N params, lr)
 TINY_LR = 1e-4
 
 

@@ -10,7 +10,7 @@ arith for the tiny model and arith:digits=1,terms=3 for a real one.
 
 Both train the same starting checkpoint with GRPO as its paper defines it (group z-scored advantages,
 token-ratio clip 0.2, k3 KL to the initial policy with beta 0.04, seq-mean-token-mean: TRL's loss_type
-"grpo"), the same prompts per step, group size, max new tokens, temperature 1, learning rate with a
+"grpo"), the same prompts per step, group size, max new tokens, temperature, learning rate with a
 warm-up then constant, one optimizer step per rollout, and are evaluated every `--eval-every` steps on
 the same held-out problems by the same greedy decoder (nanorl's sampler, on a copy of the weights), the
 evaluation time excluded from the clock. With --model tiny the starting point is nanorl's cached
