@@ -1,7 +1,7 @@
 """Held-out accuracy vs training wall-clock: nanorl vs TRL's GRPOTrainer, same model, task, preset and settings.
 
     python bench/learning.py                               # CPU: the warm-started tiny model on arith (~10 min)
-    python bench/learning.py --model smollm2-135m          # CPU: SmolLM2-135M-Instruct, train.py's recipe (~35 min)
+    python bench/learning.py --model smollm2-135m          # CPU: SmolLM2-135M-Instruct with train.py's recipe
     python bench/learning.py --model path/to/hf_model --task gsm8k --device cuda --steps 200 --eval-every 20
 
 The recipe (prompts per step, group size, max new tokens, lr, warm-up, steps, chat template) is train.py's
