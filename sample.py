@@ -36,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-key", default=None, help="the data's prompt field (default: the run's, else the task's)")
     p.add_argument("--answer-key", default=None, help="the data's answer field (default: the run's, else the task's)")
     p.add_argument("--eval-n", type=int, default=200, help="held-out prompts to evaluate")
+    p.add_argument("--max-turns", type=int, default=None, help="turns per episode (default: the run's, else the task's)")
     # sampling
     p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's, else 128")
@@ -104,30 +105,49 @@ def pass_at_k(n, c, k):
     return 1 - prod
 
 
+def transcript(tok, e):
+    """An episode as text with the injected (environment) spans marked ⟪like this⟫."""
+    out, i = [], 0
+    while i < len(e.tokens):
+        j = i
+        while j < len(e.tokens) and e.mask[j] == e.mask[i]:
+            j += 1
+        text = tok.decode(e.tokens[i:j], skip_special_tokens=False)
+        out.append(text if e.mask[i] else f"⟪{text}⟫")
+        i = j
+    return tok.decode(e.prompt, skip_special_tokens=False) + "".join(out)
+
+
 def run_eval(args, model, tok):
-    """Held-out accuracy: greedy with n = 1; with n > 1, mean accuracy (pass@1) and pass@k for k = 1, 2, 4, .. n."""
-    from nanorl.sampler import generate
-    from nanorl.tasks import make_task, score
+    """Held-out accuracy: greedy with n = 1; with n > 1, mean accuracy (pass@1) and pass@k for k = 1, 2, 4, .. n.
+    Multi-turn tasks (calc, guess) also report the tool-call rate and mean turns, and print one transcript."""
+    from nanorl.rollout import run_episodes
+    from nanorl.tasks import make_task
 
     task = make_task(args.task, data=args.data, prompt_key=args.prompt_key, answer_key=args.answer_key)
     exs = task.eval_examples(args.eval_n)
     n = args.num_samples
     temperature = args.temperature if args.temperature is not None else (0.0 if n == 1 else 1.0)
     t0 = time.perf_counter()
-    correct, tokens = [], 0
+    correct, tokens, eps = [], 0, []
     for s in range(0, len(exs), 64):
         chunk = exs[s:s + 64]
-        prompts = [tok.encode(task.prompt(ex, tok, args.chat)) for ex in chunk]
-        res = generate(model, prompts, n=n, max_new_tokens=args.max_new_tokens, temperature=temperature,
-                       top_p=args.top_p, top_k=args.top_k, stop_ids=tok.eos_ids, seed=args.seed + s)
-        sc = score(task, [tok.decode(c.tokens) for c in res], [ex for ex in chunk for _ in range(n)])
-        correct += [sum(sc.correct[i * n:(i + 1) * n]) for i in range(len(chunk))]
-        tokens += sum(len(c.tokens) for c in res)
+        res = run_episodes(model, tok, task, chunk, n, args.max_turns or task.max_turns, args.max_new_tokens,
+                           temperature, args.seed + s, top_p=args.top_p, top_k=args.top_k, chat=args.chat,
+                           max_episode_tokens=args.max_episode_tokens, max_obs_tokens=args.max_obs_tokens)
+        correct += [sum(e.correct for e in res[i * n:(i + 1) * n]) for i in range(len(chunk))]
+        tokens += sum(len(e.tokens) for e in res)
+        eps += res
     dt = time.perf_counter() - t0
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 128) if k <= n]
     out = {"task": task.name, "prompts": len(exs), "samples_per_prompt": n, "temperature": temperature,
            "accuracy": sum(correct) / (n * len(exs))}
     out.update({f"pass@{k}": sum(pass_at_k(n, c, k) for c in correct) / len(exs) for k in ks})
+    if task.max_turns > 1 or (args.max_turns or 1) > 1:
+        out.update(tool_call_rate=sum(e.tool_calls > 0 for e in eps) / len(eps),
+                   tool_errors=sum(e.tool_errors for e in eps), turns=sum(e.turns for e in eps) / len(eps))
+        print(f"--- transcript of episode 0 (injected spans in ⟪ ⟫, reward {eps[0].reward:g}) ---\n"
+              f"{transcript(tok, eps[0])}\n---", file=sys.stderr)
     print(json.dumps(out))
     print(f"{tokens} tokens in {dt:.1f}s: {tokens / dt:.1f} tokens/s", file=sys.stderr)
     return out
@@ -157,6 +177,8 @@ def main(argv=None):
     args.max_new_tokens = args.max_new_tokens or run.get("max_new_tokens", 128)
     if run.get("task") == args.task:  # the run's field names for its own data
         args.prompt_key, args.answer_key = args.prompt_key or run.get("prompt_key"), args.answer_key or run.get("answer_key")
+    args.max_turns = args.max_turns or run.get("max_turns")
+    args.max_episode_tokens, args.max_obs_tokens = run.get("max_episode_tokens"), run.get("max_obs_tokens")
     model, tok = load(args)
     return run_eval(args, model, tok) if args.eval else run_prompt(args, model, tok)
 

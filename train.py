@@ -2,12 +2,13 @@
 
     python train.py                                         # the embedded default: tiny model, arith, GRPO, CPU
     python train.py --algo dapo --model smollm2-135m --task rg:basic_arithmetic --steps 4
+    python train.py --task calc                             # multi-turn: the tiny model learns to call a calculator
     torchrun --nproc_per_node=8 train.py --algo grpo --model path/to/Qwen2.5-1.5B-Instruct --task gsm8k --data gsm8k/
 
-One step (DESIGN.md): sample n completions per prompt with nanorl.sampler -> score them with the task's
-verifiable reward -> shape rewards, drop constant groups (dynamic sampling draws more prompts) ->
-advantages -> for each epoch, mini-batch and micro-batch: hidden states -> kernels.fused_logprobs ->
-algos.loss with globally all-reduced normalising counts -> backward -> AdamW step -> metrics, eval,
+One step (DESIGN.md): sample n episodes per prompt with nanorl.rollout (one turn, or several with tool
+results / environment feedback injected between them) -> score them with the task's verifiable reward ->
+shape rewards, drop constant groups (dynamic sampling draws more prompts) -> advantages -> for each epoch,
+mini-batch and micro-batch: hidden states -> kernels.fused_logprobs -> algos.loss with globally all-reduced normalising counts -> backward -> AdamW step -> metrics, eval,
 checkpoint. Any field of the --algo preset can be overridden: --eps-high 0.28, --kl-coef 0, ...
 
 The policy keeps fp32 master weights; on GPU the forward runs under bf16 autocast and the sampler uses
@@ -17,7 +18,6 @@ a bf16 copy refreshed after every optimizer step. On one CPU process the sampler
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -27,17 +27,19 @@ import time
 
 import torch
 
-from nanorl import UserError, algos, config, sinks
+from nanorl import TrainingStopped, UserError, algos, config, sinks
 from nanorl import dist as D
 from nanorl import lora
 from nanorl.checkpoint import atomic_file, latest_state, load_state, save_state
 from nanorl.model import config_summary, load_model
 from nanorl.plot import plot
 from nanorl.policy import Policy, autocast, collate, forward_all, token_matrix
+from nanorl.env import load_env
 from nanorl.preference import train_preference
 from nanorl.reward_model import make_scorer
-from nanorl.sampler import generate
-from nanorl.tasks import make_task, score
+from nanorl.rollout import PromptStream, check_prompts, evaluate, rollout
+from nanorl.tasks import make_task
+from nanorl.warm_start import sft_steps, warm_start
 from nanorl.tokenizer import load_tokenizer
 
 # flags that may differ between a run and its --resume (everything else must match)
@@ -93,6 +95,11 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
+    # multi-turn episodes (nanorl/rollout.py, env.py): tools and environment feedback
+    p.add_argument("--env", default=None, help="module:Class or file.py:Class: your environment (nanorl/env.py)")
+    p.add_argument("--max-turns", type=int, default=None, help="policy turns per episode (default: the task's; 1 for plain tasks)")
+    p.add_argument("--max-episode-tokens", type=int, default=None, help="policy + injected tokens (default: 2 x turns x --max-new-tokens)")
+    p.add_argument("--max-obs-tokens", type=int, default=None, help="cut longer observations in the middle")
     # optimisation
     p.add_argument("--steps", type=int, default=None, help="RL steps (default: 80 for tiny, 100 otherwise)")
     p.add_argument("--lr", type=float, default=None, help="default: 1e-4 for tiny, 1e-6 otherwise")
@@ -156,7 +163,10 @@ def parse_args(argv=None):
     except ValueError as e:
         raise UserError(str(e)) from None
     args.chat = (not tiny) if args.chat is None else args.chat
-    for name in ("prompts_per_step", "max_new_tokens", "micro_batch", "mini_batches", "eval_n"):
+    for name in ("prompts_per_step", "max_new_tokens", "micro_batch", "mini_batches", "eval_n", "max_turns",
+                 "max_episode_tokens", "max_obs_tokens"):
+        if getattr(args, name) is None:
+            continue
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
     sinks.check(args.log)
@@ -164,113 +174,7 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# data, evaluation, warm start
-
-
-class PromptStream:
-    """This rank's training examples, in a fixed order given the seed; `position` is saved in checkpoints."""
-
-    def __init__(self, task, rank, world):
-        self.task, self.rank, self.world, self.position = task, rank, world, 0
-
-    def next(self, n_global):
-        """This rank's share of the next n_global examples, with their global indices (the sampling seeds)."""
-        idx = [self.position + i for i in range(self.rank, n_global, self.world)]
-        self.position += n_global
-        return idx, [self.task.train_example(i) for i in idx]
-
-
-def encode_prompt(task, ex, tok, chat):
-    ids = tok.encode(task.prompt(ex, tok, chat))
-    if not ids:
-        raise UserError(f"{ex.meta.get('where', task.name + ' example ' + ex.id)}: the prompt is empty; fix the data line")
-    return ids
-
-
-def check_prompts(task, tok, args, context, eval_examples):
-    """A data file's prompts must leave room to answer: fail at the start, naming the line, not hours in."""
-    if task.n_train is None:  # procedural tasks draw short prompts
-        return
-    for ex in [task.train_example(i) for i in range(task.n_train)] + list(eval_examples):
-        n = len(encode_prompt(task, ex, tok, args.chat))
-        if n >= context:
-            where = ex.meta.get("where", f"{task.name} example {ex.id}")
-            raise UserError(f"{where}: the prompt has {n} tokens but the model's context is {context}; "
-                            f"shorten or delete the line")
-
-
-@torch.no_grad()
-def evaluate(model, tok, task, args, device, examples=None):
-    """Held-out greedy accuracy over eval_n examples (each rank does its share)."""
-    examples = examples if examples is not None else task.eval_examples(args.eval_n)
-    mine = examples[D.rank()::D.world_size()]
-    correct = 0.0
-    for s in range(0, len(mine), 256):
-        chunk = mine[s:s + 256]
-        prompts = [encode_prompt(task, ex, tok, args.chat) for ex in chunk]
-        res = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=0, stop_ids=tok.eos_ids)
-        sc = score(task, [tok.decode(c.tokens) for c in res], chunk, args.reward_timeout)
-        correct += sum(sc.correct)
-    tot = D.all_reduce([correct, float(len(mine))])
-    return float(tot[0] / tot[1].clamp(min=1))
-
-
-def sft_steps(model, tok, task, args, device, steps, lr, log=None, desc="warm start", metrics=None):
-    """Supervised fine-tuning on the task's reference solutions (+ EOS): -log pi of the solution tokens.
-
-    A step sees as many sequences as an RL step trains on (prompts_per_step x group_size). The lr warms
-    up, then stays constant: decaying it to zero would leave the model at a sharp point where the
-    first RL steps (Adam's first updates are sign steps of size lr) do more harm than good.
-    """
-    policy = Policy(model, impl=args.kernel_impl)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    eos = tok.eos_ids[0]
-    stream = PromptStream(task, D.rank(), D.world_size())
-    batch = args.prompts_per_step * args.cfg.group_size
-    model.train()
-    for step in range(steps):
-        exs = stream.next(batch)[1]
-        prompts = [encode_prompt(task, ex, tok, args.chat) for ex in exs]
-        comps = [tok.encode(ex.solution) + [eos] for ex in exs]
-        inp = collate(prompts, comps, tok.pad_id, device)
-        n_tok = D.all_reduce(inp["mask"].sum())
-        with autocast(device):
-            logp, _, _ = policy(inp)
-        loss, _ = algos.sft_loss(logp, inp["mask"], n_tokens=n_tok)
-        (loss * D.world_size()).backward()
-        for p in model.parameters():  # plain gradient averaging: this runs before DDP wraps the policy
-            if p.grad is not None:
-                D.all_reduce(p.grad)
-                p.grad /= D.world_size()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if metrics:
-            metrics({"step": step + 1, "nll": float(loss.detach()), "lr": opt.param_groups[0]["lr"]})
-        if log and (step % 50 == 0 or step == steps - 1):
-            log(f"{desc} step {step + 1}/{steps}: nll {loss.item():.3f}")
-    model.eval()
-
-
-def warm_start(model, tok, task, args, device, log):
-    """Run (or load from the cache) the supervised warm start; the cache key covers everything it depends on."""
-    key = json.dumps(["v1", args.model, args.task, args.data, args.chat, args.seed, args.warm_start_steps,
-                      args.warm_start_lr, args.warmup_steps, args.prompts_per_step, args.cfg.group_size, D.world_size()]
-                     + ([args.prompt_key, args.answer_key] if args.prompt_key or args.answer_key else []))
-    cache = os.path.join(os.environ.get("NANORL_CACHE", os.path.expanduser("~/.cache/nanorl")),
-                         "warm-" + hashlib.sha256(key.encode()).hexdigest()[:16])
-    if os.path.isfile(os.path.join(cache, "model.safetensors")):
-        log(f"warm start: loading the cached model from {cache}")
-        return load_model(cache, device=device)
-    t0 = time.time()
-    sft_steps(model, tok, task, args, device, args.warm_start_steps, args.warm_start_lr, log)
-    if D.is_main():
-        model.save_pretrained(cache, tokenizer=tok)
-    D.barrier()
-    log(f"warm start: {args.warm_start_steps} SFT steps in {time.time() - t0:.0f}s, cached in {cache}")
-    return model
+# LoRA: adapters on the frozen base, saved as a PEFT adapter (nanorl/lora.py)
 
 
 def apply_lora(model, tok, args, log, base_dir=None, fresh=True):
@@ -312,70 +216,6 @@ def save_policy(model, tok, args, lora_base, state=None):
 
 
 # -----------------------------------------------------------------------------
-# one rollout: sample, score, shape, filter
-
-
-def rollout(sampler_model, tok, task, stream, args, cfg, step, scorer=None):
-    """Sample until this rank has its share of kept groups (DAPO dynamic sampling) or gives up.
-
-    Groups the filter drops are replaced by fresh prompts; if fewer than needed survive after
-    cfg.max_gen_batches generations, the batch is topped up with dropped groups whose rows are masked
-    out (every rank must run the same number of micro-batches). Returns per-row data and counters.
-    """
-    G, n_local = cfg.group_size, args.prompts_per_step // D.world_size()
-    kept, dropped, rewards, correct = [], [], [], []
-    st = {"gen_batches": 0, "reward_errors": 0, "reward_timeouts": 0, "score_s": 0.0}
-    while len(kept) < n_local:
-        idx, exs = stream.next(args.prompts_per_step)
-        prompts = [encode_prompt(task, ex, tok, args.chat) for ex in exs]
-        # one seed per example, from its global index: the samples do not depend on the number of ranks,
-        # and a resumed run draws exactly the samples the uninterrupted run would have
-        seeds = [int.from_bytes(hashlib.sha256(f"{args.seed}/{i}".encode()).digest()[:7], "little") for i in idx]
-        res = generate(sampler_model, prompts, n=G, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_p=args.top_p, top_k=args.top_k, stop_ids=tok.eos_ids, seed=seeds)
-        t0 = time.time()
-        texts, rows = [tok.decode(c.tokens) for c in res], [ex for ex in exs for _ in range(G)]
-        sc = score(task, texts, rows, args.reward_timeout)
-        if scorer is not None:  # learned rewards (reward_model.py), added to the task's by weight
-            sc.rewards = scorer(rows, texts, sc.rewards)
-        st["score_s"] += time.time() - t0
-        st["reward_errors"] += sc.errors
-        st["reward_timeouts"] += sc.timeouts
-        rewards.append(torch.tensor(sc.rewards, dtype=torch.float32))
-        correct.append(torch.tensor(sc.correct, dtype=torch.float32))
-        lengths = torch.tensor([len(c.tokens) for c in res])
-        R = algos.shape_rewards(rewards[-1], lengths, args.max_new_tokens, cfg, torch.tensor(sc.formatted))
-        # filter on the task reward, not the shaped one (DAPO filters on accuracy: verl's metric=acc)
-        keep = algos.filter_groups(rewards[-1], G, cfg.filter_groups, cfg.reward_max)
-        for gi, ex in enumerate(exs):
-            (kept if keep[gi] else dropped).append((ex, prompts[gi], res[gi * G:(gi + 1) * G], R[gi * G:(gi + 1) * G]))
-        st["gen_batches"] += 1
-        if cfg.filter_groups == "none" or 0 < cfg.max_gen_batches <= st["gen_batches"]:
-            break
-    st["groups_kept"] = min(len(kept), n_local)
-    if cfg.filter_groups != "none" and int(D.all_reduce(len(kept))) == 0:
-        mean = float(torch.cat(rewards).mean())
-        verdict = "too hard for the model" if mean <= 0.5 else "too easy for the model"
-        raise TrainingStopped(f"dynamic sampling: every group had equal rewards in {st['gen_batches']} generation "
-                              f"batches (mean reward {mean:.2f}): the task is {verdict}; pick another task or model, "
-                              f"raise --max-gen-batches, or set --filter-groups none")
-    groups = (kept + dropped)[:n_local]
-    rows = [(ex, p, c) for ex, p, comps, _ in groups for c in comps]
-    batch = dict(prompts=[p for _, p, _ in rows], comps=[c.tokens for _, _, c in rows], ex=[ex for ex, _, _ in rows],
-                 sampler_logp=[c.sampling_logprobs for _, _, c in rows], R=torch.cat([g[3] for g in groups]),
-                 truncated=torch.tensor([c.finish_reason == "length" for _, _, c in rows]),
-                 valid=torch.arange(len(groups)).repeat_interleave(G) < st["groups_kept"],
-                 rewards=torch.cat(rewards), correct=torch.cat(correct), stats=st)
-    if cfg.needs_greedy_baseline:  # ReMax: each prompt's greedy response, scored, is its baseline
-        greedy = generate(sampler_model, [g[1] for g in groups], max_new_tokens=args.max_new_tokens, temperature=0,
-                          stop_ids=tok.eos_ids)
-        texts = [tok.decode(c.tokens) for c in greedy]
-        base = score(task, texts, [g[0] for g in groups], args.reward_timeout).rewards
-        batch["baseline"] = torch.tensor(scorer([g[0] for g in groups], texts, base, track=False) if scorer else base)
-    return batch
-
-
-# -----------------------------------------------------------------------------
 # the update of one rollout batch
 
 
@@ -391,22 +231,24 @@ def update(wrapped, policy, ref, batch, args, cfg, pad_id, device, ctl, tracker,
     # micro-batches hold whole groups: each group is one packed row (collate), and reg / disco compare them
     mb = -(-args.micro_batch // G) * G
     valid = batch["valid"].to(device)
-    mask = token_matrix([[1.0] * len(c) for c in comps], T, device) * valid[:, None]
+    masks = batch["masks"]  # the episode mask: injected tokens are context, never targets or counted
+    mask = token_matrix(masks, T, device) * valid[:, None]
     truncated, R = batch["truncated"].to(device), batch["R"].to(device)
     n_updates = cfg.ppo_epochs * args.mini_batches
     old_lp = ent0 = values = ref_lp = None
     kl_reward = cfg.kl_in == "reward" and cfg.kl_coef > 0
     if (n_updates > 1 and not cfg.on_policy) or cfg.needs_value or cfg.top_entropy_quantile < 1 or kl_reward:
-        old_lp, ent0, values = forward_all(policy, prompts, comps, pad_id, device, mb, args.temperature, G)
+        old_lp, ent0, values = forward_all(policy, prompts, comps, pad_id, device, mb, args.temperature, G, masks)
     if ref is not None:
         with lora.disabled(ref.model):  # with LoRA the reference is the policy itself, adapters off
-            ref_lp = forward_all(ref, prompts, comps, pad_id, device, mb, args.temperature, G)[0]
+            ref_lp = forward_all(ref, prompts, comps, pad_id, device, mb, args.temperature, G, masks)[0]
     rollout_lp = token_matrix(batch["sampler_logp"], T, device)
     token_rewards = None
     if kl_reward:
         token_rewards = algos.kl_reward(R, old_lp, ref_lp, mask, ctl["kl"].value, cfg.kl_estimator)
     A = algos.advantages(R, G, cfg, mask=mask, token_rewards=token_rewards, values=values,
                          baseline=batch.get("baseline"), lengths=mask.sum(-1), prompt_ids=[ex.id for ex in batch["ex"]],
+                         steps=[(e.state_keys, e.turn_spans) for e in batch["episodes"]],
                          tracker=tracker, all_reduce=D.all_reduce)
     A = A * (valid[:, None] if A.dim() == 2 else valid)  # padding groups carry no signal
     returns = None
@@ -424,7 +266,7 @@ def update(wrapped, policy, ref, batch, args, cfg, pad_id, device, ctl, tracker,
                 h = D.all_gather_cat(ent0[s0:e0][mask[s0:e0] > 0])
                 thr = algos.entropy_quantile_threshold(h, torch.ones_like(h), cfg.top_entropy_quantile)
             for ci, (s, e) in enumerate(chunks):
-                inp = collate(prompts[s:e], comps[s:e], pad_id, device, G)
+                inp = collate(prompts[s:e], comps[s:e], pad_id, device, G, masks[s:e])
                 Tc = inp["mask"].shape[1]
                 m = inp["mask"] = inp["mask"] * valid[s:e, None]
 
@@ -552,6 +394,7 @@ def main(argv=None):
         return 0
     task = make_task(args.task, data=args.data, seed=args.seed, reward_fn=args.reward_fn, prompt_key=args.prompt_key,
                      answer_key=args.answer_key)
+    args.env_cls = load_env(args.env) if args.env else None
     eval_examples = task.eval_examples(args.eval_n)
     init_dir = os.path.join(args.out, "init")  # the warm-started model: the RL start and the KL reference
     model = load_model(init_dir if saved and args.warm_start_steps else args.model, device=device, seed=args.seed)
@@ -559,7 +402,7 @@ def main(argv=None):
     if cfg.kind == "sft":  # --algo sft: the warm start's supervised loop as the whole run
         acc_before = evaluate(model, tok, task, args, device, eval_examples)
         lora_base = apply_lora(model, tok, args, log) if args.lora_rank else None
-        sft_steps(model, tok, task, args, device, args.steps, args.lr, log, desc="sft", metrics=metrics_log)
+        sft_steps(model, tok, task, args, device, args.steps, args.lr, log, desc="sft", on_metrics=metrics_log)
         acc_after = evaluate(model, tok, task, args, device, eval_examples)
         if D.is_main():
             save_policy(model, tok, args, lora_base)
@@ -647,7 +490,7 @@ def main(argv=None):
         bar = tqdm(total=args.steps, initial=step, desc="rl", dynamic_ncols=True)
     while step < args.steps and stop["signal"] is None:
         t0 = time.time()
-        batch = rollout(sampler_model, tok, task, stream, args, cfg, step, scorer)
+        batch = rollout(sampler_model, tok, task, stream, args, cfg, scorer)
         t_rollout = time.time() - t0
         metrics = update(wrapped, policy, ref, batch, args, cfg, tok.pad_id, device, ctl, tracker, step, opt)
         bad_steps = bad_steps + 1 if metrics["skipped"] else 0
@@ -657,13 +500,18 @@ def main(argv=None):
                                   f"checkpoint in {args.out} is intact: lower --lr or check the rewards")
         _copy_weights(sampler_model, model)
         step += 1
-        st, r = batch["stats"], batch["rewards"]
+        st, r, eps = batch["stats"], batch["rewards"], batch["episodes"]
         tot = D.all_reduce(torch.tensor([r.sum(), (r * r).sum(), r.numel(), batch["correct"].sum(),
-                                         sum(map(len, batch["comps"])), len(batch["comps"]), st["groups_kept"],
-                                         st["reward_errors"], st["reward_timeouts"]], dtype=torch.float64, device=device))
+                                         sum(sum(e.mask) for e in eps), len(eps), st["groups_kept"],
+                                         st["reward_errors"], st["reward_timeouts"], sum(e.turns for e in eps),
+                                         sum(e.tool_calls for e in eps), sum(e.tool_errors for e in eps),
+                                         sum(e.obs_truncated for e in eps), sum(e.tool_calls > 0 for e in eps)],
+                                        dtype=torch.float64, device=device))
         mean = float(tot[0] / tot[2])
         metrics.update(step=step, reward_mean=mean, reward_std=max(float(tot[1] / tot[2]) - mean ** 2, 0.0) ** 0.5,
-                       accuracy=float(tot[3] / tot[2]), response_len=float(tot[4] / tot[5]),
+                       accuracy=float(tot[3] / tot[2]), response_len=float(tot[4] / tot[5]),  # policy tokens only
+                       turns=float(tot[9] / tot[5]), tool_calls=int(tot[10]), tool_errors=int(tot[11]),
+                       obs_truncated=int(tot[12]), tool_call_rate=float(tot[13] / tot[5]),
                        gen_batches=st["gen_batches"], groups_kept=int(tot[6]), reward_errors=int(tot[7]),
                        reward_timeouts=int(tot[8]), skipped_steps=skipped_total, lr=opt.param_groups[0]["lr"],
                        time_sample=t_rollout - st["score_s"], time_score=st["score_s"],
@@ -703,10 +551,6 @@ def _fp32(sampler_model, model_state):
     out = _copy_model(sampler_model, torch.float32)
     out.load_state_dict({k[len("model."):]: v for k, v in model_state.items() if k.startswith("model.")})
     return out
-
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (it diverged); the last checkpoint is intact."""
 
 
 def cli(argv=None):

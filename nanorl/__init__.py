@@ -11,3 +11,7 @@ class UserError(ValueError):
     The message is one line that names the problem and the fix. The command-line scripts print it
     as `error: <message>` and exit with code 2 instead of showing a traceback.
     """
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (it diverged, or no group has a learning signal); the last checkpoint is intact."""

@@ -19,6 +19,8 @@ per-prompt tracker); `advantages` picks one by name (`cfg.adv`) and applies GPG'
     spo          A = R - p_hat(prompt), whitened over the batch     SPO 2509.13232 (tracker: SPOTracker)
     ngrpo        group stats include a virtual r_max sample         NGRPO 2509.18851
     dcpo         smooth mix of step and cumulative z-scores         DCPO 2509.02333 (tracker: RewardHistory)
+    gigpo        group_std + w * z-score of discounted step returns   GiGPO 2505.10978 (multi-turn)  -> [B,T]
+                 among a group's turns that start from the same anchor state (env.state_key)
     none         A = R
 
 Estimators that whiten over the batch (batch_std, reinforce_pp*, gae, spo) and GPG's alpha need batch
@@ -32,7 +34,7 @@ import math
 import torch
 
 GROUP_ESTIMATORS = ("group_mean", "group_std", "rloo", "batch_std", "reinforce_pp_baseline", "opo", "passk",
-                    "ngrpo", "dcpo")
+                    "ngrpo", "dcpo", "gigpo")
 
 
 def _groups(x, G):
@@ -69,13 +71,17 @@ def last_token_rewards(rewards, mask):
 
 
 def reward_to_go(token_rewards, mask, gamma=1.0):
-    """G_t = sum_{t'>=t} gamma^(t'-t) r_t' within the valid tokens of each row."""
-    m = mask.to(token_rewards.dtype)
+    """G_t = sum_{t'>=t} gamma^(t'-t) r_t' over the valid tokens of each row, zero elsewhere.
+
+    Masked positions are skipped, not reset: the sum carries across a mask's holes (a multi-turn
+    episode's injected observations), and gamma counts the policy's own tokens only, as in gae.
+    """
+    m = mask.to(token_rewards.dtype) > 0
     out, running = torch.zeros_like(token_rewards), torch.zeros_like(token_rewards[:, 0])
     for t in reversed(range(token_rewards.shape[1])):
-        running = (token_rewards[:, t] + gamma * running) * m[:, t]
+        running = torch.where(m[:, t], token_rewards[:, t] + gamma * running, running)
         out[:, t] = running
-    return out
+    return out * m
 
 
 def gae(token_rewards, values, mask, gamma=1.0, lam=1.0):
@@ -179,8 +185,37 @@ def _dcpo(R, G, prompt_ids, history):
     return out.flatten()
 
 
+def gigpo(R, G, steps, mask, gamma=0.95, w=1.0, eps=1e-6):
+    """GiGPO (Feng et al. 2505.10978): A = A_episode + w * A_step, [B, T] over the episode mask.
+
+    A_episode is GRPO's group z-score of the episode rewards R. Step groups: inside a prompt's group, the
+    turns that start from the same anchor state (steps[i] = (state_keys, turn_spans) of row i: the
+    environment's hashable state_key when each turn began, None for no anchor, and the turn's token span).
+    A turn t of an n-turn episode has the discounted step return gamma^(n-1-t) R (the episode reward is
+    its last turn's; environments with step rewards sum to it); A_step is its z-score within its step
+    group (0 for a group of one, as the paper's). Every token of the turn gets it.
+    """
+    Rg = _groups(R, G)
+    A = ((Rg - Rg.mean(1, keepdim=True)) / (Rg.std(1, keepdim=True) + eps)).flatten()[:, None] * mask.to(R.dtype)
+    for g in range(len(R) // G):
+        buckets = {}
+        for i in range(g * G, (g + 1) * G):
+            keys, spans = steps[i]
+            for t, (key, span) in enumerate(zip(keys, spans)):
+                if key is not None:
+                    buckets.setdefault(key, []).append((i, span, gamma ** (len(spans) - 1 - t) * float(R[i])))
+        for items in buckets.values():
+            if len(items) < 2:
+                continue
+            ret = torch.tensor([x[2] for x in items], dtype=R.dtype)
+            z = (ret - ret.mean()) / (ret.std() + eps)
+            for (i, (a, b), _), zi in zip(items, z):
+                A[i, a:b] += w * zi * mask[i, a:b].to(R.dtype)
+    return A
+
+
 def advantages(rewards, group_size, cfg, *, mask=None, token_rewards=None, values=None, baseline=None,
-               lengths=None, prompt_ids=None, tracker=None, prompt_kl=None, all_reduce=None):
+               lengths=None, prompt_ids=None, tracker=None, prompt_kl=None, all_reduce=None, steps=None):
     """Advantages for one rollout batch. Returns [B] for scalar estimators, [B,T] (zero on padding) for
     reinforce_pp, reinforce_pp_baseline, remax and gae.
 
@@ -189,7 +224,7 @@ def advantages(rewards, group_size, cfg, *, mask=None, token_rewards=None, value
     (gae). baseline [B] or [B/G]: greedy-response rewards (remax). lengths [B]: completion lengths (opo;
     default mask.sum(-1)). prompt_ids: hashable id per row (spo, dcpo), with tracker from make_tracker(cfg);
     the tracker is advanced here, so call this once per rollout batch. prompt_kl [B]: SPO's D per row.
-    all_reduce: see the module docstring.
+    all_reduce: see the module docstring. steps: per row (state_keys, turn_spans) of its episode (gigpo).
     """
     G, est = group_size, cfg.adv
     if est in GROUP_ESTIMATORS and G < 2:
@@ -253,6 +288,10 @@ def advantages(rewards, group_size, cfg, *, mask=None, token_rewards=None, value
         b = b.repeat_interleave(G) if b.numel() * G == R.numel() and G > 1 else b
         tr = token_rewards if token_rewards is not None else last_token_rewards(R, mask)
         A = (reward_to_go(tr.to(R.dtype), mask, 1.0) - b[:, None]) * mask.to(R.dtype)
+    elif est == "gigpo":
+        if mask is None:
+            raise ValueError("adv='gigpo' needs mask=[B,T] (and steps= each row's (state_keys, turn_spans))")
+        A = gigpo(R, G, steps or [([], [])] * len(R), mask, cfg.gamma, cfg.step_weight, cfg.adv_eps)
     elif est == "gae":
         tr = token_rewards if token_rewards is not None else last_token_rewards(R, mask)
         A = whiten(gae(tr.to(R.dtype), values.detach().to(R.dtype), mask, cfg.gamma, cfg.lam)[0], mask, all_reduce)

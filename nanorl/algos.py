@@ -52,7 +52,8 @@ class AlgoConfig:
     # advantages (nanorl/advantages.py)
     adv: str = "group_std"
     adv_eps: float = 1e-6         # std guard of group z-scores (verl 1e-6, TRL 1e-4, OpenRLHF 1e-9)
-    gamma: float = 1.0            # discount for reward-to-go and GAE
+    gamma: float = 1.0            # discount for reward-to-go and GAE (and GiGPO's step returns)
+    step_weight: float = 1.0      # GiGPO's w: the weight of the step-level advantage
     lam: float = 1.0              # GAE lambda
     gpg_alpha: bool = False       # GPG: scale A by B / (B - #samples in zero-variance groups)
     reward_max: float = 1.0       # NGRPO's virtual sample reward; 'not_all_max' filter threshold
@@ -114,7 +115,7 @@ class AlgoConfig:
     pref_margin: float = 0.0      # ln / simpo gamma
 
     CHOICES = {"kind": ("rl", "pref", "sft"),
-               "adv": GROUP_ESTIMATORS + ("reinforce_pp", "remax", "gae", "spo", "none"),
+               "adv": GROUP_ESTIMATORS + ("reinforce_pp", "remax", "gae", "spo", "none"),  # gigpo: a group estimator
                "ratio": ("none", "token", "seq", "seq_token", "gmpo"),
                "surrogate": ("ppo_clip", "reinforce", "cispo", "sapo", "topr", "dcpo", "clip_cov", "kl_cov", "reg",
                              "disco"),
@@ -192,6 +193,8 @@ def _preset(name, doc, **kw):
     return AlgoConfig(name=name, doc=doc, **kw)
 
 
+_GIGPO_DOC = ("2505.10978 (GiGPO) - vs grpo: multi-turn credit, A = episode z-score + w * z-score of the "
+              "discounted step returns (gamma 0.95) among turns from the same anchor state; token-mean, KL 0.01")
 _DAPO = dict(eps_low=0.2, eps_high=0.28, filter_groups="nonconstant", overlong_buffer=0.2)
 PRESETS = {p.name: p for p in [
     _preset("grpo", "2402.03300 (DeepSeekMath) - the reference: group z-score A, token-ratio PPO clip 0.2, k3 KL in "
@@ -265,6 +268,7 @@ PRESETS = {p.name: p for p in [
             adv="group_mean", ratio="none", surrogate="disco"),
     _preset("reg_grpo", "2506.07464 (DeepVideo-R1) - vs grpo: regress A with the group-centred sequence log-ratio, "
             "(A - beta (s_i - mean_g s))^2, no clip or min, no KL", surrogate="reg", ratio="none"),
+    _preset("gigpo", _GIGPO_DOC, adv="gigpo", gamma=0.95, agg="token_mean", kl_coef=0.01),
     _preset("dpo", "2305.18290 - vs grpo: offline preference pairs, no sampling: -log sigmoid(beta delta), beta 0.1",
             kind="pref", pref_loss="sigmoid"),
     _preset("ipo", "2310.12036 - vs grpo: offline pairs, (delta - 1/(2 beta))^2 on sequence log-ratio sums",

@@ -117,7 +117,7 @@ class PrefixGroups:
         return y.index_copy(0, self.dest, yc).view(R, L, H, hd).transpose(1, 2)
 
 
-def collate(prompts, completions, pad_id, device, group=1):
+def collate(prompts, completions, pad_id, device, group=1, masks=None):
     """Model inputs for rows of (prompt tokens, completion tokens).
 
     Rows come in runs of `group` that share one prompt (a GRPO group). Each run becomes one packed row:
@@ -126,7 +126,8 @@ def collate(prompts, completions, pad_id, device, group=1):
     of `group` times, with the same logprobs and gradients; group=1 is the plain causal layout.
     Returns a dict: ids, positions [R, L]; groups, the PrefixGroups attention layout (None for group=1:
     causal); idx [B, Tc], the flat index into the [R * L] hidden states of the state that predicts
-    targets [B, Tc]; mask [B, Tc].
+    targets [B, Tc]; mask [B, Tc]: 1 on every completion token, or `masks` (one 0/1 list per completion:
+    an episode's mask, 0 on injected tokens, which are context and never targets).
     """
     B, R = len(prompts), len(prompts) // group
     lens = [len(prompts[r * group]) + sum(len(c) - 1 for c in completions[r * group:(r + 1) * group]) for r in range(R)]
@@ -150,7 +151,7 @@ def collate(prompts, completions, pad_id, device, group=1):
             comp_start[r, i], comp_len[r, i] = off, n
             # c[0] is predicted by the prompt's last state, c[j] by the state of c[j - 1]
             idx[b, 0], idx[b, 1:n + 1] = r * L + lp - 1, r * L + off + torch.arange(n)
-            targets[b, :n + 1], mask[b, :n + 1] = torch.tensor(c), 1
+            targets[b, :n + 1], mask[b, :n + 1] = torch.tensor(c), 1 if masks is None else torch.tensor(masks[b], dtype=mask.dtype)
             off += n
     groups = PrefixGroups(prompt_len, comp_start, comp_len, L).to(device) if group > 1 else None
     out = dict(ids=ids, positions=positions, idx=idx, targets=targets, mask=mask)
@@ -169,14 +170,15 @@ def autocast(device):
 
 
 @torch.no_grad()
-def forward_all(policy, prompts, completions, pad_id, device, mb, temperature, group=1):
+def forward_all(policy, prompts, completions, pad_id, device, mb, temperature, group=1, masks=None):
     """No-grad logp, entropy and values of every row, micro-batch by micro-batch: [B, T] each (values None)."""
     T = max(len(c) for c in completions)
     outs = [torch.zeros(len(prompts), T, device=device) for _ in range(3)]
     has_values = False
     for s in range(0, len(prompts), mb):
         with autocast(device):
-            res = policy(collate(prompts[s:s + mb], completions[s:s + mb], pad_id, device, group), temperature)
+            res = policy(collate(prompts[s:s + mb], completions[s:s + mb], pad_id, device, group,
+                                 None if masks is None else masks[s:s + mb]), temperature)
         for o, r in zip(outs, res):
             if r is not None:
                 o[s:s + mb, :r.shape[1]] = r

@@ -62,15 +62,15 @@ def safe_eval(expr, max_len=128):
         return None, []
 
 
-def load_reward_fn(spec):
-    """fn from 'package.module:function' or 'path/to/file.py:function'."""
+def load_reward_fn(spec, flag="--reward-fn", define="{}(completion, example) -> float", what="function"):
+    """fn from 'package.module:function' or 'path/to/file.py:function' (flag, define: for the error lines)."""
     mod, sep, fn = spec.rpartition(":")
     if not sep or not mod or not fn:
-        raise UserError(f"--reward-fn {spec!r}: expected module:function or path/to/file.py:function")
+        raise UserError(f"{flag} {spec!r}: expected module:{what} or path/to/file.py:{what}")
     try:
         if mod.endswith(".py") or os.sep in mod:
             if not os.path.isfile(mod):
-                raise UserError(f"--reward-fn {spec!r}: file {mod} does not exist; check the path")
+                raise UserError(f"{flag} {spec!r}: file {mod} does not exist; check the path")
             name = "nanorl_reward_" + hashlib.sha256(os.path.abspath(mod).encode()).hexdigest()[:12]
             s = importlib.util.spec_from_file_location(name, mod)
             m = sys.modules[name] = importlib.util.module_from_spec(s)
@@ -82,10 +82,10 @@ def load_reward_fn(spec):
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"--reward-fn {spec!r}: cannot import {mod} ({type(e).__name__}: {e}); check the module and PYTHONPATH") from None
+        raise UserError(f"{flag} {spec!r}: cannot import {mod} ({type(e).__name__}: {e}); check the module and PYTHONPATH") from None
     f = getattr(m, fn, None)
     if not callable(f):
-        raise UserError(f"--reward-fn {spec!r}: {mod} has no function {fn!r}; define {fn}(completion, example) -> float")
+        raise UserError(f"{flag} {spec!r}: {mod} has no {what} {fn!r}; define " + define.format(fn))
     return f
 
 
@@ -116,8 +116,8 @@ def _call(fn, completion, example):
         return 0.0, False
 
 
-def _serve(conn, parent_end, reward):
-    """Worker loop: receive a batch [(index, completion, example)], send back (index, value, ok) per item."""
+def _serve(conn, parent_end, fn):
+    """Worker loop: receive a batch [(index, args)], send back (index, value, ok) per item."""
     parent_end.close()  # our fork-inherited copy of the trainer's end would hide the trainer's exit from us
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the trainer's graceful-stop handler: terminate() must kill
@@ -131,20 +131,23 @@ def _serve(conn, parent_end, reward):
             batch = conn.recv()
         except (EOFError, OSError):
             return  # the trainer is gone
-        for i, completion, example in batch:
+        for i, args in batch:
             try:
-                value, ok = _clean(reward(completion, example))
-            except BaseException:  # a user's sys.exit() too
-                value, ok = 0.0, False
-            conn.send((i, value, ok))
+                msg = (i, fn(*args), True)
+            except BaseException as e:  # a user's sys.exit() too
+                msg = (i, f"{type(e).__name__}: {e}", False)
+            try:
+                conn.send(msg)
+            except Exception as e:  # an unpicklable result
+                conn.send((i, f"{type(e).__name__}: {e}", False))
 
 
 class _Worker:
-    def __init__(self, reward):
+    def __init__(self, fn):
         ctx = mp.get_context("fork")
-        self.reward = reward
+        self.fn = fn
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(child, self.conn, reward), daemon=True)
+        self.proc = ctx.Process(target=_serve, args=(child, self.conn, fn), daemon=True)
         self.proc.start()
         child.close()  # so that the worker's death reads as EOF here
 
@@ -154,44 +157,50 @@ class _Worker:
         self.conn.close()
 
 
-def _worker(task):
-    # one persistent worker per task, re-forked when the task's reward function was replaced
-    w = task.__dict__.get("_reward_worker")
-    if w is None or w.reward != task.reward or not w.proc.is_alive():
+def _worker(owner, fn):
+    # one persistent worker per owner (a task, a tool set), re-forked when its function was replaced
+    w = owner.__dict__.get("_reward_worker")
+    if w is None or w.fn != fn or not w.proc.is_alive():
         if w is not None:
             w.close()
-        w = task._reward_worker = _Worker(task.reward)
+        w = owner._reward_worker = _Worker(fn)
     return w
 
 
-def _kill_worker(task):
-    task._reward_worker.close()
-    task._reward_worker = None
+def run_sandboxed(owner, fn, items, timeout):
+    """[(value, status)] of fn(*args) for each args in items, run in owner's forked worker process.
 
-
-def _score_in_worker(task, completions, examples, timeout):
-    rewards, errors, timeouts = [0.0] * len(completions), 0, 0
-    todo = list(range(len(completions)))
+    status: "ok"; "error" (value: "ExceptionName: message"; also when the worker died); "timeout" (value
+    None: the item ran past `timeout` seconds, the worker was killed and a fresh one runs the rest).
+    """
+    out = [(None, "timeout")] * len(items)
+    todo = list(range(len(items)))
     while todo:
-        w = _worker(task)
-        w.conn.send([(i, completions[i], examples[i]) for i in todo])
+        w = _worker(owner, fn)
+        w.conn.send([(i, items[i]) for i in todo])
         for k, i in enumerate(todo):
             # the clock for item k starts once item k-1's result is in, i.e. no earlier than the worker began it
-            if not w.conn.poll(timeout):
-                timeouts += 1
-            else:
+            if w.conn.poll(timeout):
                 try:
                     j, value, ok = w.conn.recv()
-                    rewards[j], errors = value, errors + (not ok)
+                    out[j] = (value, "ok" if ok else "error")
                     continue
                 except (EOFError, OSError):  # the worker died (os._exit, a crash in C code): an error
-                    errors += 1
-            _kill_worker(task)
+                    out[i] = ("WorkerDied: the process exited", "error")
+            w.close()
+            owner._reward_worker = None
             todo = todo[k + 1:]
             break
         else:
             todo = []
-    return rewards, errors, timeouts
+    return out
+
+
+def _score_in_worker(task, completions, examples, timeout):
+    res = run_sandboxed(task, task.reward, list(zip(completions, examples)), timeout)
+    cleaned = [_clean(v) if st == "ok" else (0.0, False) for v, st in res]
+    errors = sum(not ok and st != "timeout" for (_, ok), (_, st) in zip(cleaned, res))
+    return [v for v, _ in cleaned], errors, sum(st == "timeout" for _, st in res)
 
 
 def score(task, completions, examples, timeout=10.0):

@@ -7,6 +7,10 @@ How a call runs:
    never recomputed n times (cf. Prefix Grouper, 2506.05433, for the same idea in training).
 3. Decode: one token per active row per step. Rows that finish (a stop token, or max_new_tokens)
    are dropped from the batch ("compaction") once enough of them have, so they stop costing compute.
+4. Multi-turn (on_turn_end, used by nanorl.rollout): a row that samples a stop token hands its tokens to
+   the environment and, if it gets an observation back, stays in the batch: the observation's tokens are
+   fed through the same decode step one per step (nanochat's forced tokens), reusing the row's KV cache,
+   so rows in different turns share every step. Injected tokens get mask 0 and logprob 0.0.
 
 Log-probabilities. `Completion.logprobs[t]` is log softmax(z_t / temperature)[token_t] over the FULL
 vocabulary: exactly what the trainer's forward pass computes for the same token at the same
@@ -42,6 +46,7 @@ class Completion:
     logprobs: list[float]  # full-vocabulary, temperature-scaled: what the trainer computes
     finish_reason: str  # "stop" | "length"
     sampling_logprobs: list[float] = field(default_factory=list)  # under the truncated (top-k/top-p) distribution
+    mask: list[int] = field(default_factory=list)  # 1 = sampled, 0 = injected by on_turn_end (logprobs 0.0 there)
 
 
 def _check(model, prompts, n, max_new_tokens, temperature, top_p, top_k):
@@ -263,8 +268,16 @@ class DecodeGraphs:
 
 @torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(),
-             seed=None, cuda_graph=None, sync_every=None, on_token=None, stats=None):
+             seed=None, cuda_graph=None, sync_every=None, on_token=None, stats=None, on_turn_end=None,
+             max_total_tokens=None):
     """Sample `n` completions for each prompt; returns len(prompts) * n Completions, grouped by prompt.
+
+    Multi-turn (nanorl.rollout): on_turn_end(row, tokens) is called when row `row` samples a stop token,
+    with all its tokens so far; it returns the token ids to inject (an observation) or None to end the row.
+    Injected ids are fed through the ordinary decode step one per step, as nanochat forces its tool
+    output, so the row's KV cache is reused and rows in different turns share the batch; they get mask
+    0 and logprob 0.0. max_new_tokens then bounds each turn and max_total_tokens (default max_new_tokens)
+    the whole row, injected tokens included; an observation that does not fit ends the row ("length").
 
     seed: an int, or a list with one int per prompt (see the module docstring); None draws a fresh seed.
     cuda_graph: decode with fixed-shape steps (_StaticStep), captured as CUDA graphs on CUDA and kept for later
@@ -282,7 +295,8 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
     P, B = len(prompts), len(prompts) * n
     lens = torch.tensor([len(p) for p in prompts])
     Lp = int(lens.max())
-    S = min(Lp + max_new_tokens, model.cfg.max_seq_len)
+    budget = max_total_tokens or max_new_tokens
+    S = min(Lp + budget, model.cfg.max_seq_len)
     seeds = [seed] * P if seed is None or isinstance(seed, int) else list(seed)
     if len(seeds) != P:
         raise UserError(f"generate: {len(seeds)} seeds for {P} prompts; pass one int or one per prompt")
@@ -291,7 +305,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
         seeds = [(base * 1000003 + i) % (1 << 63) for i in range(P)]
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
     use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
-    sync_every = sync_every or (16 if device.type == "cuda" else 1)
+    sync_every = 1 if on_turn_end else sync_every or (16 if device.type == "cuda" else 1)  # turn ends need the host
     stats = stats if stats is not None else {}
 
     # skinny CPU matmuls through oneDNN on packed weights (linear.packed_cpu_weights): worth its ~0.3 s
@@ -332,7 +346,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
         logits = logits[rows] if n > 1 else logits
 
         # 3. decode; buffers stay on the device, rows are identified by `row_id` through compaction
-        steps = min(max_new_tokens, S - Lp)
+        steps = min(budget, S - Lp)
         U = torch.cat([torch.rand(n, steps, dtype=torch.float64, generator=torch.Generator().manual_seed(sd))
                        for sd in seeds]).to(device)  # [B, steps]: row i*n+j's uniforms, independent of the batch
         out_tok = torch.zeros(B, steps, dtype=torch.long, device=device)
@@ -340,13 +354,45 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
         out_lq = torch.zeros(B, steps, device=device)
         length = torch.full((B,), steps, dtype=torch.long, device=device)  # tokens kept per row
         stopped = torch.zeros(B, dtype=torch.bool, device=device)
+        sampled = torch.ones(B, steps, dtype=torch.bool, device=device)  # the mask: False where injected
+        queue = [[] for _ in range(B)]  # per original row: injected ids still to feed
+        turn_len = torch.zeros(B, dtype=torch.long, device=device)  # per batch position: tokens sampled this turn
         row_id = torch.arange(B, device=device)  # batch position -> original row
         done = torch.zeros(B, dtype=torch.bool, device=device)  # per batch position
         for t in range(steps):
             tok, lp, lq = sample_token(logits, temperature, top_k, top_p, U[row_id, t])
             live = ~done
+            forced = None
+            if on_turn_end is not None and any(queue[r] for r in row_id.tolist()):
+                rows = row_id.tolist()
+                forced = torch.tensor([bool(queue[r]) for r in rows], device=device)
+                tok = torch.where(forced, torch.tensor([queue[r].pop(0) if queue[r] else 0 for r in rows],
+                                                       device=device), tok)
+                lp, lq = lp.masked_fill(forced, 0.0), lq.masked_fill(forced, 0.0)
+                sampled[row_id, t] = ~forced
             out_tok[row_id, t], out_lp[row_id, t], out_lq[row_id, t] = tok, lp, lq  # kept up to each row's length
             hit = live & torch.isin(tok, stop)
+            if on_turn_end is not None:
+                if forced is not None:
+                    hit &= ~forced
+                    turn_len = torch.where(forced, 0, turn_len + 1)
+                else:
+                    turn_len = turn_len + 1
+                over = live & ~hit & (turn_len >= max_new_tokens)  # this turn ran out of tokens: the row ends
+                if forced is not None:
+                    over &= ~forced
+                length[row_id] = torch.where(over, t + 1, length[row_id])
+                done |= over
+                for i in hit.nonzero()[:, 0].tolist():
+                    r = int(row_id[i])
+                    obs = on_turn_end(r, out_tok[r, :t + 1].tolist())
+                    if obs is None:
+                        continue
+                    hit[i] = False
+                    if t + 1 + len(obs) >= steps:  # no room for the observation and one more token
+                        length[r], done[i] = t + 1, True
+                    else:
+                        queue[r], turn_len[i] = list(obs), 0
             length[row_id] = torch.where(hit, t + 1, length[row_id])
             stopped[row_id] |= hit
             done |= hit
@@ -369,7 +415,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
                     compact = n_done >= max(1, B_now // 8)
                 if compact:
                     keep = graphs.drop(done) if graphs else cache.drop(done)
-                    row_id, done, tok = row_id[keep], done[keep], tok[keep]
+                    row_id, done, tok, turn_len = row_id[keep], done[keep], tok[keep], turn_len[keep]
             if graphs:
                 logits = graphs(tok[:, None], stats)
             else:
@@ -377,12 +423,12 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
                 stats["decode_rows"] = stats.get("decode_rows", 0) + cache.batch_size  # work done
             stats["decode_steps"] = stats.get("decode_steps", 0) + 1
 
-    out_tok, out_lp, out_lq, length, stopped = (x.cpu() for x in (out_tok, out_lp, out_lq, length, stopped))
+    out_tok, out_lp, out_lq, length, stopped, sampled = (x.cpu() for x in (out_tok, out_lp, out_lq, length, stopped, sampled))
     stats["tokens"] = stats.get("tokens", 0) + int(length.sum())
     res = []
     for r in range(B):
         L = int(length[r])
         res.append(Completion(prompt_index=r // n, tokens=out_tok[r, :L].tolist(), logprobs=out_lp[r, :L].tolist(),
                               finish_reason="stop" if stopped[r] else "length",
-                              sampling_logprobs=out_lq[r, :L].tolist()))
+                              sampling_logprobs=out_lq[r, :L].tolist(), mask=sampled[r, :L].int().tolist()))
     return res

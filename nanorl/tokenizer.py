@@ -83,13 +83,14 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
-        """Render a list of {"role", "content"} dicts as transformers would; token ids if tokenize=True."""
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, tools=None):
+        """Render a list of {"role", "content"} dicts as transformers would; token ids if tokenize=True.
+        tools: JSON schemas of the tools the model may call, for templates that take them."""
         if not self.chat_template:
             raise UserError("this tokenizer has no chat template; drop --chat or use a model that ships one")
         tmpl = _compile_template(self.chat_template)
         kw = {k: v for k, v in self.special.items() if k.endswith("_token")}
-        text = tmpl.render(messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt, **kw)
+        text = tmpl.render(messages=messages, tools=tools, documents=None, add_generation_prompt=add_generation_prompt, **kw)
         return self.encode(text) if tokenize else text
 
     def save(self, path):

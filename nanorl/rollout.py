@@ -1,0 +1,319 @@
+"""Rollouts: prompts -> episodes (single- or multi-turn) -> rewards -> shaped, filtered groups.
+
+    episodes = run_episodes(model, tok, task, examples, n, max_turns, max_new_tokens, temperature, seed)
+    batch = rollout(sampler_model, tok, task, stream, args, cfg)        # one RL step's data (train.py)
+
+An episode is token-in / token-out: prompt + a1 o1 a2 o2 ... aT, where the policy's turns `a` (each with
+its sampled stop token) have mask 1 and the environment's observations `o` mask 0 and logprob 0.0. The
+sampler (sampler.generate with on_turn_end) feeds each observation through its decode step, so a row's
+KV cache is reused and rows in different turns share the batch. The history is never decoded and
+re-encoded: text observations are encoded on their own, chat observations are the token delta of the
+model's chat template rendered with and without them (SkyRL's "fixed base": the base is cut after its
+last end-of-turn token, which the policy sampled). A single-turn task is the one-turn episode of the same
+code (env.SingleTurnEnv): tests/test_rollout.py checks it reproduces the plain sampler bit for bit.
+
+Rewards: an environment's step rewards, when it gives them (guess), else the task's reward of the
+policy's own text: its turns joined by newlines, observations left out, so an answer only the
+environment wrote scores nothing. score_episodes is the one place rewards are computed.
+"""
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from nanorl import TrainingStopped, UserError, algos
+from nanorl import dist as D
+from nanorl.sampler import generate
+from nanorl.tasks import score
+
+
+@dataclass
+class Episode:
+    prompt: list[int]
+    tokens: list[int]            # everything after the prompt
+    mask: list[int]              # 1 = sampled by the policy, 0 = injected by the environment
+    logprobs: list[float]        # the sampler's (full softmax at the temperature); 0.0 where mask is 0
+    reward: float
+    turns: int                   # policy turns
+    finish_reason: str           # "stop" | "length" (a token budget) | "max_turns"
+    sampling_logprobs: list[float] = field(default_factory=list)  # under top-k / top-p truncation
+    text: str = ""               # the policy's own text, turns joined by "\n": what the task's reward reads
+    correct: bool = False
+    formatted: float = 0.0
+    tool_calls: int = 0
+    tool_errors: int = 0
+    obs_truncated: int = 0       # observations cut in the middle to --max-obs-tokens
+    turn_spans: list = field(default_factory=list)   # (start, end) of each policy turn in tokens
+    state_keys: list = field(default_factory=list)   # the environment's state_key as each turn began (GiGPO)
+    env_rewarded: bool = False   # the reward came from the environment's steps
+
+
+class PromptStream:
+    """This rank's training examples, in a fixed order given the seed; `position` is saved in checkpoints."""
+
+    def __init__(self, task, rank, world):
+        self.task, self.rank, self.world, self.position = task, rank, world, 0
+
+    def next(self, n_global):
+        """This rank's share of the next n_global examples, with their global indices (the sampling seeds)."""
+        idx = [self.position + i for i in range(self.rank, n_global, self.world)]
+        self.position += n_global
+        return idx, [self.task.train_example(i) for i in idx]
+
+
+def check_prompts(task, tok, args, context, eval_examples):
+    """A data file's prompts must leave room to answer: fail at the start, naming the line, not hours in."""
+    if task.n_train is None:  # procedural tasks draw short prompts
+        return
+    for ex in [task.train_example(i) for i in range(task.n_train)] + list(eval_examples):
+        n = len(encode_prompt(task, ex, tok, args.chat))
+        if n >= context:
+            where = ex.meta.get("where", f"{task.name} example {ex.id}")
+            raise UserError(f"{where}: the prompt has {n} tokens but the model's context is {context}; "
+                            f"shorten or delete the line")
+
+
+def encode_prompt(task, ex, tok, chat):
+    ids = tok.encode(task.prompt(ex, tok, chat))
+    if not ids:
+        raise UserError(f"{ex.meta.get('where', task.name + ' example ' + ex.id)}: the prompt is empty; fix the data line")
+    return ids
+
+
+def prompt_ids(prompt, tok, tools=None):
+    """Token ids of what env.reset returned: text as is, chat messages through the model's template."""
+    text = prompt if isinstance(prompt, str) else tok.apply_chat_template(prompt, add_generation_prompt=True, tools=tools)
+    return tok.encode(text)
+
+
+def _cut_middle(ids, k):
+    return ids if len(ids) <= k else ids[:k // 2] + ids[len(ids) - (k - k // 2):]
+
+
+def observation_ids(obs, history, end_text, tok, tools=None, max_tokens=None):
+    """(ids, truncated) of an observation after a policy turn that ended with the text `end_text`.
+
+    Text is encoded on its own. Chat messages: render the conversation with the generation prompt and
+    with and without them; their ids are the difference after the base's last end-of-turn marker (the
+    token the policy sampled). A template that rewrites earlier turns (not prefix-preserving) is an error.
+    max_tokens cuts an observation in the middle (verl's max_tool_response_length): text by tokens, a
+    message by its content, so the template's structure stays whole.
+    """
+    if isinstance(obs, str):
+        ids = tok.encode(obs, add_bos=False)
+        return (_cut_middle(ids, max_tokens), True) if max_tokens and len(ids) > max_tokens else (ids, False)
+    base = tok.apply_chat_template(history, add_generation_prompt=False, tools=tools)
+    cut = base[:base.rfind(end_text) + len(end_text)] if end_text and end_text in base else base
+    truncated = False
+    for _ in range(4):
+        full = tok.apply_chat_template(history + obs, add_generation_prompt=True, tools=tools)
+        if not full.startswith(cut):
+            raise UserError("the chat template rewrites earlier turns when a message is added, so an episode's tokens "
+                            "cannot be extended; use a prefix-preserving template (or --chat false)")
+        ids = tok.encode(full[len(cut):], add_bos=False)
+        if not max_tokens or len(ids) <= max_tokens:
+            return ids, truncated
+        over, truncated = len(ids) - max_tokens, True
+        obs = [dict(m) for m in obs]
+        c = tok.encode(obs[-1]["content"], add_bos=False)
+        obs[-1]["content"] = tok.decode(_cut_middle(c, max(0, len(c) - over - 2)))
+    return ids[:max_tokens], True
+
+
+@torch.no_grad()
+def run_episodes(model, tok, task, examples, n, max_turns, max_new_tokens, temperature=1.0, seed=None, *,
+                 top_p=1.0, top_k=0, chat=False, max_episode_tokens=None, max_obs_tokens=None, reward_timeout=10.0,
+                 env_cls=None, stats=None, scorer=None):
+    """len(examples) * n episodes, grouped by example; see the module docstring.
+
+    max_new_tokens bounds each turn, max_episode_tokens (default max_turns * max_new_tokens, plus as many
+    observation tokens) the whole episode, injected tokens included. env_cls: a user environment class
+    (--env), built once per episode; default task.make_env(tok, chat). stats: a dict that receives
+    reward_errors, reward_timeouts, score_s, tool_calls, tool_errors, obs_truncated (summed). scorer:
+    learned rewards added to the task's (reward_model.make_scorer; see score_episodes).
+    """
+    if max_turns < 1:
+        raise UserError(f"--max-turns {max_turns} must be >= 1")
+    budget = max_episode_tokens or (max_new_tokens if max_turns == 1 else 2 * max_turns * max_new_tokens)
+    envs = [env_cls() if env_cls else task.make_env(tok, chat) for _ in range(len(examples) * n)]
+    prompts, histories = [], []
+    for i, env in enumerate(envs):
+        p = env.reset(examples[i // n])
+        if i % n == 0:
+            ids = prompt_ids(p, tok, getattr(env, "tools", None))
+            if not ids:
+                ex = examples[i // n]
+                raise UserError(f"{ex.meta.get('where', task.name + ' example ' + ex.id)}: the prompt is empty; fix the data line")
+            prompts.append(ids)
+        histories.append(list(p) if not isinstance(p, str) else None)
+    eps = [Episode(prompts[i // n], [], [], [], 0.0, 0, "stop", state_keys=[getattr(env, "state_key", None)]) for i, env in enumerate(envs)]
+    start, step_rewards, success, cut = [0] * len(envs), [[] for _ in envs], [False] * len(envs), [False] * len(envs)
+
+    def on_turn_end(r, tokens):
+        e, env = eps[r], envs[r]
+        text = tok.decode(tokens[start[r]:])
+        e.turn_spans.append((start[r], len(tokens)))
+        st = env.step(text)
+        e.tool_calls += st.info.get("tool_calls", 0)
+        e.tool_errors += st.info.get("tool_errors", 0)
+        success[r] |= bool(st.info.get("success"))
+        step_rewards[r].append(st.reward)
+        if st.done:
+            return None
+        if len(e.turn_spans) >= max_turns:
+            cut[r] = True
+            return None
+        ids, trunc = [], False
+        if st.observation is not None:
+            if histories[r] is not None:
+                histories[r].append({"role": "assistant", "content": text})
+            end = tok.decode(tokens[-1:], skip_special_tokens=False)
+            ids, trunc = observation_ids(st.observation, histories[r], end, tok, getattr(env, "tools", None), max_obs_tokens)
+            if histories[r] is not None:
+                histories[r].extend(st.observation)
+        e.obs_truncated += trunc
+        e.state_keys.append(getattr(env, "state_key", None))
+        start[r] = len(tokens) + len(ids)
+        return ids
+
+    res = generate(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                   top_k=top_k, stop_ids=tok.eos_ids, seed=seed, on_turn_end=on_turn_end, max_total_tokens=budget)
+    for r, (e, c) in enumerate(zip(eps, res)):
+        e.tokens, e.mask, e.logprobs, e.sampling_logprobs = c.tokens, c.mask, c.logprobs, c.sampling_logprobs
+        if start[r] < len(c.tokens) and (not e.turn_spans or e.turn_spans[-1][1] <= start[r]):
+            e.turn_spans.append((start[r], len(c.tokens)))  # a last turn cut by a budget
+        e.state_keys = e.state_keys[:len(e.turn_spans)]
+        e.turns = len(e.turn_spans)
+        e.text = "\n".join(tok.decode(c.tokens[a:b]) for a, b in e.turn_spans)
+        e.finish_reason = "length" if c.finish_reason == "length" else "max_turns" if cut[r] else "stop"
+        known = [x for x in step_rewards[r] if x is not None]
+        if known:
+            e.env_rewarded = True
+            e.reward = float(sum(known)) if e.finish_reason == "stop" else 0.0
+            e.correct = success[r] and e.finish_reason == "stop"
+    score_episodes(task, eps, [ex for ex in examples for _ in range(n)], reward_timeout, stats, scorer,
+                   track=temperature > 0)
+    if stats is not None:
+        for k in ("tool_calls", "tool_errors", "obs_truncated", "turns"):
+            stats[k] = stats.get(k, 0) + sum(getattr(e, k) for e in eps)
+    return eps
+
+
+def score_episodes(task, episodes, examples, timeout, stats=None, scorer=None, track=True):
+    """The task's reward of each episode the environment did not reward (the one place rewards are scored);
+    then scorer's learned rewards (reward_model.py), added by weight, on every episode's text. track=False
+    keeps a greedy baseline (ReMax) out of the scorer's running statistics."""
+    todo = [i for i, e in enumerate(episodes) if not e.env_rewarded]
+    t0 = time.time()
+    sc = score(task, [episodes[i].text for i in todo], [examples[i] for i in todo], timeout)
+    for k, i in enumerate(todo):
+        e = episodes[i]
+        e.reward, e.correct, e.formatted = sc.rewards[k], sc.correct[k], sc.formatted[k]
+    for e in episodes:
+        if e.env_rewarded:
+            e.formatted = float(e.turns > 0)
+    if scorer is not None:
+        for e, r in zip(episodes, scorer(examples, [e.text for e in episodes], [e.reward for e in episodes], track=track)):
+            e.reward = float(r)
+    if stats is not None:
+        stats["reward_errors"] = stats.get("reward_errors", 0) + sc.errors
+        stats["reward_timeouts"] = stats.get("reward_timeouts", 0) + sc.timeouts
+        stats["score_s"] = stats.get("score_s", 0.0) + time.time() - t0
+
+
+def reference_episode(task, ex, tok, chat):
+    """(prompt ids, tokens, mask) of an example's reference solution, the warm start's target.
+
+    ex.meta["turns"] (multi-turn tasks): [(policy text, observation text or None), ...], each policy turn
+    plus EOS with mask 1, each observation with mask 0; plain tasks: the solution plus EOS.
+    """
+    env = task.make_env(tok, chat)
+    p = env.reset(ex)
+    turns = ex.meta.get("turns") or [(ex.solution, None)]
+    if not isinstance(p, str) and len(turns) > 1:
+        raise UserError(f"the {task.name} warm start has plain-tag tool calls, not the chat format: add "
+                        f"--warm-start-steps 0 (or --chat false)")
+    tokens, mask = [], []
+    for text, obs in turns:
+        ids = tok.encode(text, add_bos=False) + [tok.eos_ids[0]]
+        tokens, mask = tokens + ids, mask + [1] * len(ids)
+        if obs is not None:
+            ids = tok.encode(obs, add_bos=False)
+            tokens, mask = tokens + ids, mask + [0] * len(ids)
+    return prompt_ids(p, tok, getattr(env, "tools", None)), tokens, mask
+
+
+def episode_args(args, task):
+    """run_episodes' keyword arguments from train.py / sample.py flags."""
+    get = lambda name: getattr(args, name, None)  # noqa: E731  (scripts that predate the multi-turn flags)
+    return dict(max_turns=get("max_turns") or task.max_turns, max_new_tokens=args.max_new_tokens, chat=args.chat,
+                max_episode_tokens=get("max_episode_tokens"), max_obs_tokens=get("max_obs_tokens"),
+                reward_timeout=get("reward_timeout") or 10.0, env_cls=get("env_cls"))
+
+
+def example_seed(seed, i):
+    """One sampling seed per example, from its global index: the samples do not depend on the number of
+    ranks, and a resumed run draws exactly the samples the uninterrupted run would have."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{i}".encode()).digest()[:7], "little")
+
+
+def rollout(sampler_model, tok, task, stream, args, cfg, scorer=None):
+    """Sample until this rank has its share of kept groups (DAPO dynamic sampling) or gives up.
+
+    Groups the filter drops are replaced by fresh prompts; if fewer than needed survive after
+    cfg.max_gen_batches generations, the batch is topped up with dropped groups whose rows are masked
+    out (every rank must run the same number of micro-batches). Returns per-row data and counters.
+    """
+    G, n_local = cfg.group_size, args.prompts_per_step // D.world_size()
+    kept, dropped, rewards, correct = [], [], [], []
+    st = {"gen_batches": 0, "reward_errors": 0, "reward_timeouts": 0, "score_s": 0.0}
+    kw = episode_args(args, task) | dict(scorer=scorer)
+    while len(kept) < n_local:
+        idx, exs = stream.next(args.prompts_per_step)
+        eps = run_episodes(sampler_model, tok, task, exs, G, temperature=args.temperature, top_p=args.top_p,
+                           top_k=args.top_k, seed=[example_seed(args.seed, i) for i in idx], stats=st, **kw)
+        rewards.append(torch.tensor([e.reward for e in eps], dtype=torch.float32))
+        correct.append(torch.tensor([e.correct for e in eps], dtype=torch.float32))
+        lengths = torch.tensor([sum(e.mask) for e in eps])  # policy tokens: DAPO's overlong penalty counts those
+        R = algos.shape_rewards(rewards[-1], lengths, args.max_new_tokens, cfg, torch.tensor([e.formatted for e in eps]))
+        # filter on the task reward, not the shaped one (DAPO filters on accuracy: verl's metric=acc)
+        keep = algos.filter_groups(rewards[-1], G, cfg.filter_groups, cfg.reward_max)
+        for gi, ex in enumerate(exs):
+            (kept if keep[gi] else dropped).append((ex, eps[gi * G:(gi + 1) * G], R[gi * G:(gi + 1) * G]))
+        st["gen_batches"] += 1
+        if cfg.filter_groups == "none" or 0 < cfg.max_gen_batches <= st["gen_batches"]:
+            break
+    st["groups_kept"] = min(len(kept), n_local)
+    if cfg.filter_groups != "none" and int(D.all_reduce(len(kept))) == 0:
+        mean = float(torch.cat(rewards).mean())
+        verdict = "too hard for the model" if mean <= 0.5 else "too easy for the model"
+        raise TrainingStopped(f"dynamic sampling: every group had equal rewards in {st['gen_batches']} generation "
+                              f"batches (mean reward {mean:.2f}): the task is {verdict}; pick another task or model, "
+                              f"raise --max-gen-batches, or set --filter-groups none")
+    groups = (kept + dropped)[:n_local]
+    rows = [(ex, e) for ex, eps, _ in groups for e in eps]
+    batch = dict(prompts=[e.prompt for _, e in rows], comps=[e.tokens for _, e in rows], masks=[e.mask for _, e in rows],
+                 ex=[ex for ex, _ in rows], episodes=[e for _, e in rows],
+                 sampler_logp=[e.sampling_logprobs for _, e in rows], R=torch.cat([g[2] for g in groups]),
+                 truncated=torch.tensor([e.finish_reason != "stop" for _, e in rows]),
+                 valid=torch.arange(len(groups)).repeat_interleave(G) < st["groups_kept"],
+                 rewards=torch.cat(rewards), correct=torch.cat(correct), stats=st)
+    if cfg.needs_greedy_baseline:  # ReMax: each prompt's greedy response, scored, is its baseline
+        greedy = run_episodes(sampler_model, tok, task, [g[0] for g in groups], 1, temperature=0, **kw)
+        batch["baseline"] = torch.tensor([e.reward for e in greedy])
+    return batch
+
+
+@torch.no_grad()
+def evaluate(model, tok, task, args, device, examples=None, stats=None):
+    """Held-out greedy accuracy over eval_n examples (each rank does its share); stats: see run_episodes."""
+    examples = examples if examples is not None else task.eval_examples(args.eval_n)
+    mine = examples[D.rank()::D.world_size()]
+    correct = 0.0
+    for s in range(0, len(mine), 256):
+        eps = run_episodes(model, tok, task, mine[s:s + 256], 1, temperature=0, stats=stats, **episode_args(args, task))
+        correct += sum(e.correct for e in eps)
+    tot = D.all_reduce([correct, float(len(mine))])
+    return float(tot[0] / tot[1].clamp(min=1))
