@@ -144,7 +144,8 @@ def test_peft_loads_smollm2_adapter(smollm2, tmp_path):
     with torch.no_grad():
         ours = load_model(out)(ids)
         assert (ours - base(ids)).abs().max() > 1e-3
-    assert (ours - theirs).abs().max() <= 1e-4
+    # 30 layers in fp32, merged (W + s B A) vs peft's unmerged path, logits up to ~30: relative error ~1e-5
+    assert (ours - theirs).abs().max() <= 1e-5 * theirs.abs().max().clamp(min=10)
     assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
 
 
