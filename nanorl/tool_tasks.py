@@ -1,10 +1,12 @@
 """Multi-turn tasks: `calc` (arithmetic with a calculator tool) and `guess` (higher / lower feedback).
 
-calc[:digits=3,terms=3,ops=+*,tools=1,tool_frac=0.3]
-    Arithmetic too long for the tiny model to do in its head (3 three-digit operands, products first),
-    with a `calc` tool that evaluates an expression exactly (rewards.safe_eval, in the sandboxed worker).
-    tiny / base models: raw prompt "123*45+678=", a tool call is a turn "<calc>123*45+678</calc>" that the
-    environment answers with "<result>6213</result>", the final turn is the bare number.
+calc[:digits=2,terms=2,ops=*,tools=1,tool_frac=0.3]
+    Arithmetic the tiny model cannot do in its head (by default a product of two two-digit numbers: the
+    control run calc:tools=0 stays near 3% held-out), with a `calc` tool that evaluates an expression
+    exactly (rewards.safe_eval, in the sandboxed worker). More digits, terms and ops (+ - *, products
+    first) make it harder. tiny / base models: raw prompt "94*88=", a tool call is a turn
+    "<calc>94*88</calc>" that the environment answers with "<result>8272</result>", the final turn is the
+    bare number.
     chat models: the Hermes / Qwen convention, tool schemas through the template's `tools` argument
     (or written into the system prompt when the template has none), results as `tool` messages.
     The reward reads the answer from the policy's own text only (rollout passes the policy turns, never
@@ -65,9 +67,9 @@ class CalcTask(_Procedural):
 
     @dataclass
     class Options:
-        digits: int = 3        # operands in [0, 10**digits)
-        terms: int = 3         # operands per expression
-        ops: str = "+*"        # any of + - *
+        digits: int = 2        # operands in [0, 10**digits)
+        terms: int = 2         # operands per expression
+        ops: str = "*"         # any of + - *
         tools: int = 1         # 0: no calculator (the control)
         tool_frac: float = 0.3  # warm-start solutions that call the tool
 
