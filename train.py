@@ -31,7 +31,7 @@ from nanorl import TrainingStopped, UserError, algos, config, sinks
 from nanorl import dist as D
 from nanorl import lora
 from nanorl.checkpoint import atomic_file, latest_state, load_state, save_state
-from nanorl.model import config_summary, load_model
+from nanorl.model import config_summary, load_model, param_count
 from nanorl.plot import plot
 from nanorl.policy import Policy, autocast, collate, forward_all, token_matrix
 from nanorl.env import load_env
@@ -45,6 +45,23 @@ from nanorl.tokenizer import load_tokenizer
 # flags that may differ between a run and its --resume (everything else must match)
 RESUMABLE = {"steps", "resume", "save_every", "eval_every", "eval_n", "out", "dist_timeout", "progress", "max_bad_steps",
              "log", "config", "merge_lora"}
+
+
+# Defaults for the flags a run leaves unset, by model. The tiny character model learns the embedded arith
+# from its supervised warm start. A real (instruct) checkpoint starts from where it is, prompted with its
+# chat template; full fine-tuning needs a smaller lr the larger the model is, and on a CPU small batches
+# and short answers keep a step to seconds. Measured on SmolLM2-135M-Instruct: README, bench/RESULTS.md.
+DEFAULTS = {  # flag: (tiny, real model on a CPU, real model on a GPU)
+    "chat":             (False, True, True),
+    "prompts_per_step": (32, 4, 32),       # x group_size 8 (the --algo preset's) samples per step
+    "max_new_tokens":   (32, 64, 256),
+    "temperature":      (1.0, 1.0, 1.0),
+    "steps":            (80, 24, 100),
+    "warmup_steps":     (10, 10, 10),      # linear warm-up, then a constant lr (verl, DAPO)
+    "warm_start_steps": (300, 0, 0),       # a real instruct model needs no supervised warm start
+}
+REAL_LR = ((3e8, 1e-5), (1e9, 3e-6), (4e9, 2e-6), (float("inf"), 1e-6))  # real models: (up to N params, lr)
+TINY_LR = 1e-4
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -79,7 +96,7 @@ def parse_args(argv=None):
     p.add_argument("--answer-key", default=None, help="the data's answer field, dotted if nested (default: the task's, "
                    "else reward_model.ground_truth)")
     p.add_argument("--reward-fn", default=None, help="module:function or file.py:function replacing the task reward")
-    p.add_argument("--chat", default=None, type=_parse_value(bool), help="use the chat template (default: not for tiny)")
+    p.add_argument("--chat", default=None, type=_parse_value(bool), help="use the chat template (default: DEFAULTS)")
     p.add_argument("--reward-timeout", type=float, default=10.0, help="seconds a reward call may take before it scores 0")
     # learned rewards (nanorl/reward_model.py): reward = task reward + weight * learned reward
     p.add_argument("--reward-model", default=None, help="HF *ForSequenceClassification dir (score head, num_labels=1)")
@@ -90,9 +107,9 @@ def parse_args(argv=None):
     p.add_argument("--judge-prompt", default=None, help="text file with {completion} (and {question}, {answer})")
     p.add_argument("--judge-weight", type=float, default=1.0)
     # rollout
-    p.add_argument("--prompts-per-step", type=int, default=32, help="prompts per step over all ranks")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 32 for tiny, 256 otherwise")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--prompts-per-step", type=int, default=None, help="prompts per step over all ranks (default: DEFAULTS)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: DEFAULTS")
+    p.add_argument("--temperature", type=float, default=None, help="default: DEFAULTS")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     # multi-turn episodes (nanorl/rollout.py, env.py): tools and environment feedback
@@ -101,9 +118,9 @@ def parse_args(argv=None):
     p.add_argument("--max-episode-tokens", type=int, default=None, help="policy + injected tokens (default: 2 x turns x --max-new-tokens)")
     p.add_argument("--max-obs-tokens", type=int, default=None, help="cut longer observations in the middle")
     # optimisation
-    p.add_argument("--steps", type=int, default=None, help="RL steps (default: 80 for tiny, 100 otherwise)")
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-4 for tiny, 1e-6 otherwise")
-    p.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up, then a constant lr (verl, DAPO)")
+    p.add_argument("--steps", type=int, default=None, help="RL steps (default: DEFAULTS)")
+    p.add_argument("--lr", type=float, default=None, help="default: TINY_LR, or REAL_LR by the model's size")
+    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up, then a constant lr (default: DEFAULTS)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per epoch over a rollout batch")
@@ -117,8 +134,8 @@ def parse_args(argv=None):
     p.add_argument("--lora-init", default=None, help="a PEFT adapter dir to continue training (its base is --model)")
     p.add_argument("--merge-lora", action="store_true", help="also write the merged full HF model to OUT/merged")
     # supervised warm start (SFT on the task's reference solutions), cached on disk
-    p.add_argument("--warm-start-steps", type=int, default=None, help="default: 300 for tiny, 0 otherwise")
-    p.add_argument("--warm-start-lr", type=float, default=2e-3)
+    p.add_argument("--warm-start-steps", type=int, default=None, help="default: DEFAULTS")
+    p.add_argument("--warm-start-lr", type=float, default=None, help="default: 2e-3 for tiny, --lr otherwise")
     # evaluation, logging, checkpoints
     p.add_argument("--out", default="out", help="run directory: policy (HF format), state, metrics")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -148,10 +165,17 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     tiny = args.model == "tiny"
     lora_lr = args.lora_rank > 0 and args.lr is None  # LoRA Without Regret: ~10x the full fine-tuning lr
-    for name, small, big in (("max_new_tokens", 32, 256), ("steps", 80, 100), ("lr", 1e-4, 1e-6),
-                             ("warm_start_steps", 300, 0)):
+    gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    column, args.defaults = (0, "tiny") if tiny else (2, "real model on a GPU") if gpu else (1, "real model on a CPU")
+    for name, values in DEFAULTS.items():
         if getattr(args, name) is None:
-            setattr(args, name, small if tiny else big)
+            setattr(args, name, values[column])
+    if args.lr is None:
+        n = 0 if tiny else param_count(args.model)
+        args.lr = TINY_LR if tiny else next(lr for size, lr in REAL_LR if n <= size)
+        args.defaults += "" if tiny else f", {n / 1e6:.0f}M parameters"
+    if args.warm_start_lr is None:  # supervised steps on a real model take the RL lr: 2e-3 would wreck it
+        args.warm_start_lr = 2e-3 if tiny else args.lr
     args.lr *= 10 if lora_lr else 1
     if args.lora_rank < 0 or (args.lora_rank == 0 and (args.lora_init or args.merge_lora)):
         raise UserError(f"--lora-rank {args.lora_rank}: use r >= 1 with --lora-init / --merge-lora (0 = full fine-tuning)")
@@ -162,7 +186,6 @@ def parse_args(argv=None):
         args.cfg = algos.make_config(args.algo, **overrides)
     except ValueError as e:
         raise UserError(str(e)) from None
-    args.chat = (not tiny) if args.chat is None else args.chat
     for name in ("prompts_per_step", "max_new_tokens", "micro_batch", "mini_batches", "eval_n", "max_turns",
                  "max_episode_tokens", "max_obs_tokens"):
         if getattr(args, name) is None:
@@ -365,6 +388,10 @@ def main(argv=None):
     device = torch.device(args.device) if args.device else device
     t_start = time.time()
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
+    log(f"settings (defaults: {args.defaults}; flags override): lr {args.lr:g}, warm-up {args.warmup_steps}, "
+        f"steps {args.steps}, prompts/step {args.prompts_per_step} x group {cfg.group_size}, max new tokens "
+        f"{args.max_new_tokens}, temperature {args.temperature:g}, chat {str(args.chat).lower()}, warm start "
+        f"{args.warm_start_steps} steps")
     if args.prompts_per_step % world:
         raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} ranks")
     run_args = {k: v for k, v in vars(args).items() if k != "cfg"} | {"cfg": dataclasses.asdict(cfg)}

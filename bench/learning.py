@@ -1,16 +1,22 @@
 """Held-out accuracy vs training wall-clock: nanorl vs TRL's GRPOTrainer, same model, task, preset and settings.
 
     python bench/learning.py                               # CPU: the warm-started tiny model on arith (~10 min)
-    python bench/learning.py --model path/to/hf_model --task rg:basic_arithmetic --chat \\
-        --prompts 32 --samples 8 --max-new-tokens 256 --lr 1e-6 --steps 200 --eval-every 20 --device cuda
+    python bench/learning.py --model smollm2-135m          # CPU: SmolLM2-135M-Instruct with train.py's recipe
+    python bench/learning.py --model path/to/hf_model --task gsm8k --device cuda --steps 200 --eval-every 20
+
+The recipe (prompts per step, group size, max new tokens, lr, warm-up, steps, chat template) is train.py's
+defaults for the model (train.DEFAULTS, train.REAL_LR) unless a flag here sets it; the task defaults to
+arith for the tiny model and arith:digits=1,terms=3 for a real one.
 
 Both train the same starting checkpoint with GRPO as its paper defines it (group z-scored advantages,
 token-ratio clip 0.2, k3 KL to the initial policy with beta 0.04, seq-mean-token-mean: TRL's loss_type
-"grpo"), the same prompts per step, group size, max new tokens, temperature 1, learning rate with a
-10-step warm-up then constant, one optimizer step per rollout, and are evaluated every `--eval-every`
-steps on the same held-out problems by the same greedy decoder (nanorl's sampler, on a copy of the
-weights), the evaluation time excluded from the clock. With --model tiny the starting point is nanorl's
-cached supervised warm start of the embedded default. Writes bench/learning.png.
+"grpo"), the same prompts per step, group size, max new tokens, temperature, learning rate with a
+warm-up then constant, one optimizer step per rollout, and are evaluated every `--eval-every` steps on
+the same held-out problems by the same greedy decoder (nanorl's sampler, on a copy of the weights), the
+evaluation time excluded from the clock. With --model tiny the starting point is nanorl's cached
+supervised warm start of the embedded default; a real model starts from its own weights (a GGUF is
+written out once as an fp32 HF checkpoint, which both load). Writes bench/learning.png (tiny),
+bench/learning-smollm2.png (smollm2-135m) or bench/learning-<name>.png.
 """
 
 import argparse
@@ -39,9 +45,10 @@ def run_nanorl(a):
     out = os.path.join(a.work, "nanorl")
     argv = ["--model", a.model_dir, "--task", a.task, "--chat", str(a.chat).lower(), "--algo", "grpo",
             "--prompts-per-step", str(a.prompts), "-n", str(a.samples), "--max-new-tokens", str(a.max_new_tokens),
-            "--micro-batch", str(a.micro_batch), "--lr", str(a.lr), "--warmup-steps", "10", "--steps", str(a.steps),
+            "--micro-batch", str(a.micro_batch), "--lr", str(a.lr), "--warmup-steps", str(a.warmup), "--steps", str(a.steps),
             "--eval-every", str(a.eval_every), "--eval-n", str(a.eval_n), "--out", out, "--progress", "false",
-            "--save-every", "1000000", "--device", a.device]
+            "--save-every", "1000000", "--device", a.device,
+            "--temperature", str(a.temperature), "--warm-start-steps", "0"]
     assert train.main(argv) == 0
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     summary = json.load(open(os.path.join(out, "summary.json")))
@@ -94,8 +101,8 @@ def run_trl(a):
     cfg = GRPOConfig(output_dir=os.path.join(a.work, "trl"), report_to=[], use_cpu=a.device == "cpu",
                      bf16=a.device == "cuda", per_device_train_batch_size=n, generation_batch_size=n,
                      num_generations=a.samples, max_completion_length=a.max_new_tokens, learning_rate=a.lr,
-                     lr_scheduler_type="constant_with_warmup", warmup_steps=10, max_steps=a.steps, logging_steps=10,
-                     save_strategy="no", beta=0.04, epsilon=0.2, temperature=1.0, top_p=1.0, top_k=0, loss_type="grpo",
+                     lr_scheduler_type="constant_with_warmup", warmup_steps=a.warmup, max_steps=a.steps, logging_steps=10,
+                     save_strategy="no", beta=0.04, epsilon=0.2, temperature=a.temperature, top_p=1.0, top_k=0, loss_type="grpo",
                      scale_rewards="group", seed=0, shuffle_dataset=False, max_grad_norm=1.0, weight_decay=0.0,
                      adam_beta2=0.999)
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
@@ -123,24 +130,45 @@ def prepare(a, path):
     model.save_pretrained(path, tokenizer=tok)
 
 
+def recipe(a):
+    """Fill the settings left unset with train.py's defaults for the model: the recipe a user gets."""
+    import train
+
+    a.task = a.task or ("arith" if a.model == "tiny" else "arith:digits=1,terms=3")
+    d = train.parse_args(["--model", a.model, "--task", a.task, "--device", a.device])
+    for mine, theirs in (("chat", "chat"), ("prompts", "prompts_per_step"), ("max_new_tokens", "max_new_tokens"),
+                         ("temperature", "temperature"), ("lr", "lr"), ("warmup", "warmup_steps"), ("steps", "steps")):
+        if getattr(a, mine) is None:
+            setattr(a, mine, getattr(d, theirs))
+    a.samples = a.samples or d.cfg.group_size
+
+
+def plot_path(model):
+    name = {"tiny": "", "smollm2-135m": "-smollm2"}.get(model, "-" + os.path.basename(os.path.normpath(model)))
+    return os.path.join(ROOT, "bench", f"learning{name}.png")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny")
-    p.add_argument("--task", default="arith")
-    p.add_argument("--chat", action="store_true")
+    p.add_argument("--task", default=None, help="default: arith (tiny), arith:digits=1,terms=3 (a real model)")
+    p.add_argument("--chat", default=None, type=lambda s: s.lower() in ("1", "true", "yes"))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--prompts", type=int, default=32)
-    p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--prompts", type=int, default=None)
+    p.add_argument("--samples", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--micro-batch", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--steps", type=int, default=80)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--eval-n", type=int, default=200)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    recipe(a)
     if a.worker:
         curve = run_nanorl(a) if a.worker == "nanorl" else run_trl(a)
         print("RESULT " + json.dumps(curve), flush=True)
@@ -179,7 +207,7 @@ def main():
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(ROOT, "bench", "learning.png"), dpi=100)
+    fig.savefig(plot_path(a.model), dpi=100)
 
 
 if __name__ == "__main__":

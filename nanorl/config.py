@@ -22,7 +22,7 @@ import sys
 
 from nanorl import UserError, algos
 
-_NOT_FLAGS = {"cfg", "resume", "config"}  # run.json keys that are not settings of the run
+_NOT_FLAGS = {"cfg", "resume", "config", "defaults"}  # run.json keys that are not settings of the run
 
 
 def _read_toml(path):

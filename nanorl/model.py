@@ -634,6 +634,30 @@ def load_model(path_or_alias, dtype=None, device=None, seed=0):
     raise UserError(f"{path}: not a directory or a .gguf file; pass an HF model directory, a .gguf file, 'tiny' or 'smollm2-135m'")
 
 
+def param_count(path_or_alias):
+    """Parameters of a checkpoint from its metadata (tensor shapes), without loading the weights.
+
+    train.py picks its size-dependent defaults (the learning rate) from this before anything is loaded.
+    """
+    if path_or_alias == "tiny":
+        return sum(p.numel() for p in load_model("tiny").parameters())
+    path = resolve(path_or_alias)
+    if path.endswith(".gguf") and os.path.isfile(path):
+        from nanorl.gguf_io import _reader
+
+        return sum(int(t.n_elements) for t in _reader(path).tensors)
+    if not os.path.isdir(path):
+        raise UserError(f"model path {path!r} does not exist; pass an HF model directory, a .gguf file, 'tiny' or 'smollm2-135m'")
+    from safetensors import safe_open
+
+    n = 0
+    for name in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(path, name), framework="pt") as f:
+            for key in f.keys():
+                n += math.prod(f.get_slice(key).get_shape())
+    return n
+
+
 def config_summary(model):
     n = sum(p.numel() for p in model.parameters())
     c = model.cfg
