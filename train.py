@@ -15,7 +15,6 @@ The policy keeps fp32 master weights; on GPU the forward runs under bf16 autocas
 a bf16 copy refreshed after every optimizer step. On one CPU process the sampler uses the policy itself.
 """
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -27,11 +26,13 @@ import time
 
 import torch
 
-from nanorl import TrainingStopped, UserError, algos, config, sinks
+from nanorl import TrainingStopped, UserError, algos, sinks
 from nanorl import dist as D
 from nanorl import lora
 from nanorl.checkpoint import atomic_file, latest_state, load_state, save_state
-from nanorl.model import config_summary, load_model, param_count
+from nanorl import flags
+from nanorl.flags import RESUMABLE
+from nanorl.model import config_summary, load_model
 from nanorl.plot import plot
 from nanorl.policy import Policy, autocast, collate, forward_all, token_matrix
 from nanorl.env import load_env
@@ -42,158 +43,9 @@ from nanorl.tasks import make_task
 from nanorl.warm_start import sft_steps, warm_start
 from nanorl.tokenizer import load_tokenizer
 
-# flags that may differ between a run and its --resume (everything else must match)
-RESUMABLE = {"steps", "resume", "save_every", "eval_every", "eval_n", "out", "dist_timeout", "progress", "max_bad_steps",
-             "log", "config", "merge_lora"}
-
-
-# Defaults for the flags a run leaves unset, by model. The tiny character model learns the embedded arith
-# from its supervised warm start. A real (instruct) checkpoint starts from where it is, prompted with its
-# chat template; full fine-tuning needs a smaller lr the larger the model is, and on a CPU small batches
-# and short answers keep a step to seconds. Measured on SmolLM2-135M-Instruct: README, bench/RESULTS.md.
-DEFAULTS = {  # flag: (tiny, real model on a CPU, real model on a GPU)
-    "chat":             (False, True, True),
-    "prompts_per_step": (32, 4, 32),       # x group_size 8 (the --algo preset's) samples per step
-    "max_new_tokens":   (32, 64, 256),
-    "temperature":      (1.0, 1.0, 1.0),
-    "steps":            (80, 24, 100),
-    "warmup_steps":     (10, 10, 10),      # linear warm-up, then a constant lr (verl, DAPO)
-    "warm_start_steps": (300, 0, 0),       # a real instruct model needs no supervised warm start
-}
-REAL_LR = ((3e8, 1e-5), (1e9, 3e-6), (4e9, 2e-6), (float("inf"), 1e-6))  # real models: (up to N params, lr)
-TINY_LR = 1e-4
-
-
-class ArgParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, and a pointer to --help (argparse prints usage first)
-        print(f"error: {message}; see python {self.prog} --help", file=sys.stderr)
-        sys.exit(2)
-
-
-def _parse_value(kind):
-    def parse(s):
-        if kind is bool:
-            if s.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-            return s.lower() in ("1", "true", "yes")
-        if s.lower() == "none":
-            return None
-        return kind(s)
-    return parse
-
-
 def parse_args(argv=None):
-    p = ArgParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="TOML file of flag values, e.g. recipes/dapo.toml (or a run.json); "
-                   "flags given here win (nanorl/config.py)")
-    # what to train
-    p.add_argument("--algo", default="grpo", help=f"preset: {', '.join(algos.PRESETS)}")
-    p.add_argument("--model", default="tiny", help="HF directory, .gguf file, 'tiny' or 'smollm2-135m'")
-    p.add_argument("--task", default="arith", help="arith | countdown | gsm8k | math | rg:NAME")
-    p.add_argument("--data", default=None, help="gsm8k / math data: .jsonl, .parquet (verl's too), a save_to_disk "
-                   "dir or a dir with train.jsonl; the dpo/ipo pairs")
-    p.add_argument("--prompt-key", default=None, help="the data's prompt field (default: the task's, else verl's prompt)")
-    p.add_argument("--answer-key", default=None, help="the data's answer field, dotted if nested (default: the task's, "
-                   "else reward_model.ground_truth)")
-    p.add_argument("--reward-fn", default=None, help="module:function or file.py:function replacing the task reward")
-    p.add_argument("--chat", default=None, type=_parse_value(bool), help="use the chat template (default: DEFAULTS)")
-    p.add_argument("--reward-timeout", type=float, default=10.0, help="seconds a reward call may take before it scores 0")
-    # learned rewards (nanorl/reward_model.py): reward = task reward + weight * learned reward
-    p.add_argument("--reward-model", default=None, help="HF *ForSequenceClassification dir (score head, num_labels=1)")
-    p.add_argument("--reward-model-weight", type=float, default=1.0)
-    p.add_argument("--reward-model-norm", default="none", choices=("none", "sigmoid", "batch"),
-                   help="raw score, sigmoid(score), or z-score over each scored batch")
-    p.add_argument("--judge-model", default=None, help="any causal LM: reward += weight * P(yes) to --judge-prompt")
-    p.add_argument("--judge-prompt", default=None, help="text file with {completion} (and {question}, {answer})")
-    p.add_argument("--judge-weight", type=float, default=1.0)
-    # rollout
-    p.add_argument("--prompts-per-step", type=int, default=None, help="prompts per step over all ranks (default: DEFAULTS)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: DEFAULTS")
-    p.add_argument("--temperature", type=float, default=None, help="default: DEFAULTS")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    # multi-turn episodes (nanorl/rollout.py, env.py): tools and environment feedback
-    p.add_argument("--env", default=None, help="module:Class or file.py:Class: your environment (nanorl/env.py)")
-    p.add_argument("--max-turns", type=int, default=None, help="policy turns per episode (default: the task's; 1 for plain tasks)")
-    p.add_argument("--max-episode-tokens", type=int, default=None, help="policy + injected tokens (default: 2 x turns x --max-new-tokens)")
-    p.add_argument("--max-obs-tokens", type=int, default=None, help="cut longer observations in the middle")
-    # optimisation
-    p.add_argument("--steps", type=int, default=None, help="RL steps (default: DEFAULTS)")
-    p.add_argument("--lr", type=float, default=None, help="default: TINY_LR, or REAL_LR by the model's size")
-    p.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up, then a constant lr (default: DEFAULTS)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per epoch over a rollout batch")
-    p.add_argument("--micro-batch", type=int, default=64, help="sequences per forward/backward")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute blocks in backward: less memory")
-    # LoRA (nanorl/lora.py): adapters on the frozen base, saved as a PEFT adapter; 0 = full fine-tuning
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank r (0: full fine-tuning); lr default x10")
-    p.add_argument("--lora-alpha", type=float, default=32.0, help="the update is scaled by alpha / r")
-    p.add_argument("--lora-targets", default="all-linear", help="all-linear (q k v o gate up down) or a comma list")
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--lora-init", default=None, help="a PEFT adapter dir to continue training (its base is --model)")
-    p.add_argument("--merge-lora", action="store_true", help="also write the merged full HF model to OUT/merged")
-    # supervised warm start (SFT on the task's reference solutions), cached on disk
-    p.add_argument("--warm-start-steps", type=int, default=None, help="default: DEFAULTS")
-    p.add_argument("--warm-start-lr", type=float, default=None, help="default: 2e-3 for tiny, --lr otherwise")
-    # evaluation, logging, checkpoints
-    p.add_argument("--out", default="out", help="run directory: policy (HF format), state, metrics")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--eval-every", type=int, default=0, help="held-out eval every K steps (0: only before/after)")
-    p.add_argument("--eval-n", type=int, default=200, help="held-out prompts per eval")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--progress", default=None, type=_parse_value(bool), help="tqdm bar (default: when a tty)")
-    p.add_argument("--log", action="append", default=[], choices=tuple(sinks.SINKS),
-                   help="also log metrics.jsonl's rows to tensorboard / wandb (repeatable; nanorl/sinks.py)")
-    # systems
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--fsdp", action="store_true", help="shard the policy with FSDP2 (fully_shard) under torchrun")
-    p.add_argument("--kernel-impl", default="auto", choices=("auto", "torch", "triton"))
-    p.add_argument("--dist-timeout", type=int, default=600, help="seconds a rank waits for the others")
-    p.add_argument("--max-bad-steps", type=int, default=5, help="stop after this many non-finite steps in a row")
-    # every field of the --algo preset, e.g. --eps-high 0.28 --kl-coef 0 --agg token_mean
-    g = p.add_argument_group("algorithm settings (default: the --algo preset's)")
-    for f in dataclasses.fields(algos.AlgoConfig):
-        if f.name in ("name", "doc", "seed"):  # seed: the trainer seeds clip_cov from --seed
-            continue
-        kind = type(f.default) if f.default is not None else float
-        flags = ["-n", "--group-size"] if f.name == "group_size" else [f"--{f.name.replace('_', '-')}"]
-        g.add_argument(*flags, dest=f"algo_{f.name}", default=argparse.SUPPRESS, type=_parse_value(kind),
-                       metavar=kind.__name__.upper())
-    config.apply(p, argv)  # the --config file's values become the defaults
-    args = p.parse_args(argv)
-    tiny = args.model == "tiny"
-    lora_lr = args.lora_rank > 0 and args.lr is None  # LoRA Without Regret: ~10x the full fine-tuning lr
-    gpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    column, args.defaults = (0, "tiny") if tiny else (2, "real model on a GPU") if gpu else (1, "real model on a CPU")
-    for name, values in DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, values[column])
-    if args.lr is None:
-        n = 0 if tiny else param_count(args.model)
-        args.lr = TINY_LR if tiny else next(lr for size, lr in REAL_LR if n <= size)
-        args.defaults += "" if tiny else f", {n / 1e6:.0f}M parameters"
-    if args.warm_start_lr is None:  # supervised steps on a real model take the RL lr: 2e-3 would wreck it
-        args.warm_start_lr = 2e-3 if tiny else args.lr
-    args.lr *= 10 if lora_lr else 1
-    if args.lora_rank < 0 or (args.lora_rank == 0 and (args.lora_init or args.merge_lora)):
-        raise UserError(f"--lora-rank {args.lora_rank}: use r >= 1 with --lora-init / --merge-lora (0 = full fine-tuning)")
-    overrides = {k[5:]: v for k, v in vars(args).items() if k.startswith("algo_")}
-    if overrides.get("agg", algos.PRESETS.get(args.algo, algos.AlgoConfig()).agg) == "token_sum_norm":
-        overrides.setdefault("l_max", args.max_new_tokens)
-    try:
-        args.cfg = algos.make_config(args.algo, **overrides)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    for name in ("prompts_per_step", "max_new_tokens", "micro_batch", "mini_batches", "eval_n", "max_turns",
-                 "max_episode_tokens", "max_obs_tokens"):
-        if getattr(args, name) is None:
-            continue
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
-    sinks.check(args.log)
-    return args
+    """The run's settings (nanorl/flags.py: the flags, their defaults by model, --config files)."""
+    return flags.parse_args(argv, __doc__)
 
 
 # -----------------------------------------------------------------------------

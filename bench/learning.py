@@ -5,7 +5,7 @@
     python bench/learning.py --model path/to/hf_model --task gsm8k --device cuda --steps 200 --eval-every 20
 
 The recipe (prompts per step, group size, max new tokens, lr, warm-up, steps, chat template) is train.py's
-defaults for the model (train.DEFAULTS, train.REAL_LR) unless a flag here sets it; the task defaults to
+defaults for the model (flags.DEFAULTS, flags.REAL_LR) unless a flag here sets it; the task defaults to
 arith for the tiny model and arith:digits=1,terms=3 for a real one.
 
 Both train the same starting checkpoint with GRPO as its paper defines it (group z-scored advantages,

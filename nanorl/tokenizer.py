@@ -15,6 +15,7 @@ import json
 import os
 
 from nanorl import UserError
+from nanorl.gguf_io import read_gguf_tokenizer, resolve
 
 # end-of-turn markers of the common chat formats; any that exists in a vocabulary also ends generation
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>", "</s>", "<|eos|>")
@@ -168,14 +169,10 @@ def load_tokenizer(path_or_alias):
     """'tiny', 'smollm2-135m', a .gguf file, or an HF directory with tokenizer.json."""
     if path_or_alias == "tiny":
         return CharTokenizer()
-    from nanorl.model import resolve
-
     path = resolve(path_or_alias)
     if os.path.isdir(path):
         return _from_dir(path)
     if path.endswith(".gguf") and os.path.isfile(path):
-        from nanorl.gguf_io import read_gguf_tokenizer
-
         tok, special, template = read_gguf_tokenizer(path)
         return Tokenizer(tok, special, template)
     raise UserError(f"tokenizer path {path!r} does not exist; pass an HF model directory, a .gguf file, 'tiny' or 'smollm2-135m'")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from nanorl import UserError
 from nanorl.env import Env, SingleTurnEnv, Step, ToolEnv, Tools
 from nanorl.rewards import safe_eval
-from nanorl.tasks import Example, _Procedural, _close, _int_line, hash_answer, last_number
+from nanorl.task_base import Example, _close, _int_line, _Procedural, hash_answer, last_number
 
 _CALL_BLOCK = re.compile(r"<calc>.*?</calc>|<tool_call>.*?</tool_call>", re.DOTALL)
 CALC_SCHEMA = {"type": "function", "function": {

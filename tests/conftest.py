@@ -71,9 +71,19 @@ def smollm2_hf():
     """transformers' own GGUF loader on the same file: the independent reference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nanorl.model import smollm2_gguf_path
+    from nanorl.gguf_io import smollm2_gguf_path
 
     path = smollm2_gguf_path()
     d, f = os.path.dirname(path), os.path.basename(path)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(d, gguf_file=f)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `long` (tens of minutes on the 2-core CPU) run only when asked for: -m long."""
+    if "long" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="over the default run's time budget; run with -m long")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)

@@ -139,6 +139,27 @@ def test_compaction_mid_episode_keeps_logprobs_exact(calc_model, monkeypatch):
         assert (logp[b, :len(e.mask)][m] - torch.tensor(e.logprobs)[m]).abs().max() <= 1e-4
 
 
+def test_episodes_through_the_kept_decode_steps_equal_the_plain_decode(calc_model, monkeypatch):
+    """On CUDA decode runs through DecodeGraphs' fixed-shape steps (bucketed batch, in-place compaction);
+    forced observation tokens must go through them exactly as through the plain decode (run here on the
+    CPU, where the same steps run uncaptured)."""
+    import nanorl.rollout as R
+
+    model, tok, _ = calc_model
+    task = make_task("guess:n=64")
+    exs = [task.train_example(i) for i in range(3)]
+    kw = dict(max_turns=6, max_new_tokens=6, temperature=1.0, seed=11, max_episode_tokens=120)
+    plain = run_episodes(model, tok, task, exs, 5, **kw)
+    st = {}
+    monkeypatch.setattr(R, "generate", lambda *a, **k: generate(*a, **k, cuda_graph=True, stats=st))
+    kept = run_episodes(model, tok, task, exs, 5, **kw)
+    assert st["decode_rows"] < 16 * st["decode_steps"]  # the bucket shrank: compaction ran mid-episode
+    assert max(e.turns for e in plain) >= 3
+    for a, b in zip(plain, kept):
+        assert (a.tokens, a.mask, a.turns, a.reward) == (b.tokens, b.mask, b.turns, b.reward)
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) <= 1e-5
+
+
 def test_injected_tokens_get_no_gradient_and_their_values_do_not_matter(calc_model):
     model, tok, task = calc_model
     eps = run_episodes(model, tok, task, [task.train_example(1000 + i) for i in range(4)], 4, max_turns=3,

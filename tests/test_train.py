@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from nanorl import UserError, algos
+from nanorl import UserError, algos, flags
 
 sys.path.insert(0, ROOT)
 import train  # noqa: E402
@@ -174,7 +174,7 @@ def test_embedded_default_learns(tmp_path):
     assert summary["acc_after"] - summary["acc_before"] >= 0.20, summary
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_smollm2_recipe_learns(tmp_path):
     """The README's real-model recipe, shortened: SmolLM2-135M-Instruct with train.py's defaults on
     arith:digits=1,terms=3, but 12 steps instead of 24 and the first 48 of its 91 held-out sums; held-out
@@ -192,13 +192,13 @@ def test_defaults_by_model(hf_ckpts, tmp_path, capsys):
     """Flags left unset take the DEFAULTS column of the model (tiny / real on CPU / real on GPU) and the lr
     of its size; flags given win; the run prints the settings it uses."""
     tiny = train.parse_args([])
-    assert [getattr(tiny, k) for k in train.DEFAULTS] == [v[0] for v in train.DEFAULTS.values()]
-    assert (tiny.lr, tiny.warm_start_lr) == (train.TINY_LR, 2e-3)
+    assert [getattr(tiny, k) for k in flags.DEFAULTS] == [v[0] for v in flags.DEFAULTS.values()]
+    assert (tiny.lr, tiny.warm_start_lr) == (flags.TINY_LR, 2e-3)
     path = hf_ckpts["llama"]
     for device, col in (("cpu", 1), ("cuda", 2)):
         real = train.parse_args(["--model", path, "--device", device])
-        assert [getattr(real, k) for k in train.DEFAULTS] == [v[col] for v in train.DEFAULTS.values()]
-        assert real.lr == real.warm_start_lr == train.REAL_LR[0][1]  # a few thousand parameters: the smallest class
+        assert [getattr(real, k) for k in flags.DEFAULTS] == [v[col] for v in flags.DEFAULTS.values()]
+        assert real.lr == real.warm_start_lr == flags.REAL_LR[0][1]  # a few thousand parameters: the smallest class
     given = train.parse_args(["--model", path, "--device", "cpu", "--lr", "3e-4", "--steps", "5", "--temperature",
                               "0.7", "--chat", "false", "--warmup-steps", "0"])
     assert (given.lr, given.steps, given.temperature, given.chat, given.warmup_steps) == (3e-4, 5, 0.7, False, 0)
