@@ -209,10 +209,11 @@ def adapter(out):
     return load_file(os.path.join(out, "adapter_model.safetensors"))
 
 
-def test_lora_lr_default_is_10x():
+def test_lora_lr_default_is_10x(hf_ckpts):
     assert train.parse_args(["--lora-rank", "8"]).lr == pytest.approx(1e-3)  # tiny's full-FT default is 1e-4
     assert train.parse_args(["--lora-rank", "8", "--lr", "3e-4"]).lr == 3e-4
-    assert train.parse_args(["--model", "x", "--lora-rank", "8"]).lr == pytest.approx(1e-5)
+    real = ["--model", hf_ckpts["llama"], "--device", "cpu"]  # a few thousand parameters: the smallest class
+    assert train.parse_args(real + ["--lora-rank", "8"]).lr == pytest.approx(10 * train.parse_args(real).lr)
 
 
 def test_lora_run_saves_a_peft_adapter(tmp_path):

@@ -27,7 +27,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def calc_model():
     """The tiny model after a short warm start on calc episodes that all call the tool (the call format)."""
-    tok, task = load_tokenizer("tiny"), make_task("calc:tool_frac=1,digits=1")
+    tok, task = load_tokenizer("tiny"), make_task("calc:tool_frac=1,digits=1,terms=3,ops=+*")
     model = load_model("tiny", seed=0)
     torch.manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
