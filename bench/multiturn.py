@@ -1,6 +1,7 @@
 """The cost of tool episodes in the sampler: tokens/s of multi-turn episodes vs single-turn rows of the same length.
 
     python bench/multiturn.py --model tiny --rows 32 --length 128 --obs 8 --repeats 3
+    python bench/multiturn.py --device cuda --model random:smollm2-135m --rows 64 --length 256   # bench/gpu.sh
 
 Both sides produce rows x length tokens from the same model and prompts, in one run, alternating:
   single  generate(max_new_tokens=length) with no stop token: one turn per row;
@@ -8,7 +9,10 @@ Both sides produce rows x length tokens from the same model and prompts, in one 
           through the decode step); a turn ends on any of `--stops` frequent token ids, the environment
           answers every turn with --obs injected tokens, so rows have many turns and all reach `length`.
 The ratio is the price of turn ends (a host check every step, a Python callback per turn end) and of the
-forced-token bookkeeping; injected tokens cost one decode step each, like sampled ones.
+forced-token bookkeeping; injected tokens cost one decode step each, like sampled ones. On CUDA the single
+side looks at the host every 16 tokens and the tool side every token (both on the kept CUDA-graph decode
+steps), so the ratio there is mostly the cost of those syncs. random:NAME is a real shape with random
+weights (bench/shapes.py), bf16 on CUDA.
 """
 
 import argparse
@@ -22,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nanorl.model import load_model  # noqa: E402
 from nanorl.sampler import generate  # noqa: E402
+from shapes import random_model  # noqa: E402
 
 
 def main():
@@ -32,8 +37,12 @@ def main():
     p.add_argument("--obs", type=int, default=8, help="injected tokens per observation")
     p.add_argument("--stop-frac", type=float, default=0.05, help="fraction of the vocabulary that ends a turn")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    model = load_model(args.model, seed=0)
+    if args.model.startswith("random:"):
+        model = random_model(args.model[7:], args.device, torch.bfloat16 if args.device == "cuda" else None)
+    else:
+        model = load_model(args.model, seed=0, device=args.device)
     V = model.cfg.vocab_size
     prompts = [[1 + (7 * i + j) % (V - 1) for j in range(12)] for i in range(args.rows)]
     stops = list(range(3, 3 + max(1, int(V * args.stop_frac))))
@@ -58,13 +67,15 @@ def main():
             turns.clear()
             t0 = time.perf_counter()
             res = fn()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t0)
             toks[name] = sum(len(c.tokens) for c in res)
             if name == "tool":
                 injected = sum(len(c.mask) - sum(c.mask) for c in res)
                 n_turns = len(turns)
     best = {k: min(v) for k, v in times.items()}
-    out = {"model": args.model, "rows": args.rows, "length": args.length, "obs": args.obs,
+    out = {"model": args.model, "device": args.device, "rows": args.rows, "length": args.length, "obs": args.obs,
            "tokens_single": toks["single"], "tokens_tool": toks["tool"], "turn_ends": n_turns, "injected": injected,
            "tok_s_single": round(toks["single"] / best["single"], 1), "tok_s_tool": round(toks["tool"] / best["tool"], 1),
            "tool_over_single_time_per_token": round((best["tool"] / toks["tool"]) / (best["single"] / toks["single"]), 3),
