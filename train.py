@@ -8,8 +8,8 @@
 One step (DESIGN.md): sample n episodes per prompt with nanorl.rollout (one turn, or several with tool
 results / environment feedback injected between them) -> score them with the task's verifiable reward ->
 shape rewards, drop constant groups (dynamic sampling draws more prompts) -> advantages -> for each epoch,
-mini-batch and micro-batch: hidden states -> kernels.fused_logprobs -> algos.loss with globally all-reduced normalising counts -> backward -> AdamW step -> metrics, eval,
-checkpoint. Any field of the --algo preset can be overridden: --eps-high 0.28, --kl-coef 0, ...
+mini-batch and micro-batch: hidden states -> kernels.fused_logprobs -> algos.loss with globally all-reduced
+normalising counts -> backward -> AdamW step -> metrics, eval, checkpoint. Any field of the --algo preset can be overridden: --eps-high 0.28, --kl-coef 0, ...
 
 The policy keeps fp32 master weights; on GPU the forward runs under bf16 autocast and the sampler uses
 a bf16 copy refreshed after every optimizer step. On one CPU process the sampler uses the policy itself.
@@ -26,22 +26,20 @@ import time
 
 import torch
 
-from nanorl import TrainingStopped, UserError, algos, sinks
+from nanorl import TrainingStopped, UserError, algos, flags, lora, sinks
 from nanorl import dist as D
-from nanorl import lora
 from nanorl.checkpoint import atomic_file, latest_state, load_state, save_state
-from nanorl import flags
+from nanorl.env import load_env
 from nanorl.flags import RESUMABLE
 from nanorl.model import config_summary, load_model
 from nanorl.plot import plot
 from nanorl.policy import Policy, autocast, collate, forward_all, token_matrix
-from nanorl.env import load_env
 from nanorl.preference import train_preference
 from nanorl.reward_model import make_scorer
 from nanorl.rollout import PromptStream, check_prompts, evaluate, rollout
 from nanorl.tasks import make_task
-from nanorl.warm_start import sft_steps, warm_start
 from nanorl.tokenizer import load_tokenizer
+from nanorl.warm_start import sft_steps, warm_start
 
 def parse_args(argv=None):
     """The run's settings (nanorl/flags.py: the flags, their defaults by model, --config files)."""
