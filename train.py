@@ -238,10 +238,6 @@ def main(argv=None):
     device = torch.device(args.device) if args.device else device
     t_start = time.time()
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if rank == 0 else (lambda msg: None)
-    log(f"settings (defaults: {args.defaults}; flags override): lr {args.lr:g}, warm-up {args.warmup_steps}, "
-        f"steps {args.steps}, prompts/step {args.prompts_per_step} x group {cfg.group_size}, max new tokens "
-        f"{args.max_new_tokens}, temperature {args.temperature:g}, chat {str(args.chat).lower()}, warm start "
-        f"{args.warm_start_steps} steps")
     if args.prompts_per_step % world:
         raise UserError(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the {world} ranks")
     run_args = {k: v for k, v in vars(args).items() if k != "cfg"} | {"cfg": dataclasses.asdict(cfg)}
@@ -290,6 +286,10 @@ def main(argv=None):
         metrics_log.close()
         return 0
     scorer = make_scorer(args, task, tok, device)  # learned rewards, loaded before anything is written
+    log(f"settings (defaults: {args.defaults}; flags override): lr {args.lr:g}, warm-up {args.warmup_steps}, "
+        f"steps {args.steps}, prompts/step {args.prompts_per_step} x group {cfg.group_size}, max new tokens "
+        f"{args.max_new_tokens}, temperature {args.temperature:g}, chat {str(args.chat).lower()}, warm start "
+        f"{args.warm_start_steps} steps")
     if args.warm_start_steps and saved is None:
         model = warm_start(model, tok, task, args, device, log)
         if rank == 0:

@@ -39,7 +39,8 @@ def test_gpu_sh_dry_run():
     out = res.stdout
     assert "wheel ok: bench/wheels/gguf-" in out and "MISSING" not in out
     steps = [line.split()[1] for line in out.splitlines() if line.startswith("step ")]
-    assert steps == ["setup", "tests-gpu", "sdpa", "decode", "kernel", "step", "mfu", "torchrun", "default", "tests-cpu"]
+    assert steps == ["setup", "tests-gpu", "sdpa", "decode", "kernel", "step", "mfu", "multiturn", "torchrun", "default",
+                     "tests-cpu"]
     assert "cut at 450s" in out
 
 
