@@ -176,16 +176,16 @@ def test_embedded_default_learns(tmp_path):
 
 @pytest.mark.long
 def test_smollm2_recipe_learns(tmp_path):
-    """The README's real-model recipe, shortened: SmolLM2-135M-Instruct with train.py's defaults on
-    arith:digits=1,terms=3, but 12 steps instead of 24 and the first 48 of its 91 held-out sums; held-out
-    greedy accuracy must rise (2026-12-01: 0.083 -> 0.208, 19 minutes on the 2-core CPU shared at load 11-16;
-    a few minutes quiet, at the lead's ~13 s a step)."""
+    """The README's real-model recipe, shortened: `python train.py --model smollm2-135m` (two-digit sums, the
+    defaults for a real model on a CPU) with 16 steps instead of 24 on 100 held-out sums. Held-out greedy
+    accuracy must rise by 15 points (2026-12-01, the 2-core CPU, one thread: 0.110 at the start, 0.40 after 16
+    steps, 0.60 after 24; about 12 minutes)."""
     out = str(tmp_path / "out")
-    assert train.main(["--model", "smollm2-135m", "--task", "arith:digits=1,terms=3", "--steps", "12",
-                       "--eval-n", "48", "--out", out, "--progress", "false"]) == 0
+    assert train.main(["--model", "smollm2-135m", "--steps", "16", "--eval-n", "100", "--out", out,
+                       "--progress", "false"]) == 0
     summary = json.load(open(os.path.join(out, "summary.json")))
     print(summary)
-    assert summary["acc_after"] > summary["acc_before"], summary
+    assert summary["acc_after"] - summary["acc_before"] >= 0.15, summary
 
 
 def test_defaults_by_model(hf_ckpts, tmp_path, capsys):
