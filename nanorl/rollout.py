@@ -37,6 +37,7 @@ from nanorl.env import Env, Step
 from nanorl.observations import Observations
 from nanorl.sampler import generate
 from nanorl.tasks import score
+from nanorl.tool_formats import from_tags
 from nanorl.tool_pool import run_contained
 
 
@@ -303,22 +304,42 @@ def reference_episode(task, ex, tok, chat):
     """(prompt ids, tokens, mask) of an example's reference solution, the warm start's target.
 
     ex.meta["turns"] (multi-turn tasks): [(policy text, observation text or None), ...], each policy turn
-    plus EOS with mask 1, each observation with mask 0; plain tasks: the solution plus EOS.
+    plus its stop token with mask 1, each observation with mask 0; plain tasks: the solution plus its stop
+    token. Tool calls in the turns are written in the tags syntax; a chat ToolEnv gets them in its family's
+    syntax (tool_formats.from_tags). In chat episodes the observations are the environment's own answers to
+    the turns, templated as the rollout templates them (observations.py), and a turn ends with the
+    template's end-of-turn marker (<|im_end|>), so the warm start teaches exactly the episodes RL samples.
     """
     env = task.make_env(tok, chat)
     p = env.reset(ex)
     turns = ex.meta.get("turns") or [(ex.solution, None)]
-    if not isinstance(p, str) and len(turns) > 1:
-        raise UserError(f"the {task.name} warm start has plain-tag tool calls, not the chat format: add "
-                        f"--warm-start-steps 0 (or --chat false)")
+    tools, fmt = getattr(env, "tools", None), getattr(env, "fmt", "tags")
+    stop = tok.eos_ids[0]
+    if not isinstance(p, str):
+        observe = Observations(tok)
+        end = tok.encode(observe.end_marker(tools), add_bos=False) if observe.end_marker(tools) else []
+        stop = end[0] if len(end) == 1 and end[0] in tok.eos_ids else stop
     tokens, mask = [], []
-    for text, obs in turns:
-        ids = tok.encode(text, add_bos=False) + [tok.eos_ids[0]]
-        tokens, mask = tokens + ids, mask + [1] * len(ids)
-        if obs is not None:
-            ids = tok.encode(obs, add_bos=False)
+    try:
+        for text, obs in turns:
+            if fmt != "tags":
+                text = from_tags(text, list(env.tool_set.fns), fmt, env.tool_set.schemas)
+            ids = tok.encode(text, add_bos=False) + [stop]
+            tokens, mask = tokens + ids, mask + [1] * len(ids)
+            if obs is None:
+                continue
+            if not isinstance(p, str):  # the environment's answer, templated as in a rollout
+                st = env.step(text)
+                if st.done or st.observation is None:
+                    raise UserError(f"the {task.name} reference episode ended before its last turn ({text!r}): "
+                                    f"the environment did not answer it; add --warm-start-steps 0")
+                ids = observe.ids(st.observation, stop, tools)[0]
+            else:
+                ids = tok.encode(obs, add_bos=False)
             tokens, mask = tokens + ids, mask + [0] * len(ids)
-    return prompt_ids(p, tok, getattr(env, "tools", None)), tokens, mask
+    finally:
+        env.close()
+    return prompt_ids(p, tok, tools), tokens, mask
 
 
 def episode_args(args, task):

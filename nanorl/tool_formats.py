@@ -11,6 +11,8 @@ templates from TRL's wheel and check the policy's text is exactly that):
   llama3  Llama 3.1 / 3.2 JSON tool calling:   {"name": "calc", "parameters": {"expr": "12*34"}}
   xml     Qwen3.5 / Qwen3.6 / Nemotron 3:
           <tool_call>\\n<function=calc>\\n<parameter=expr>\\n12*34\\n</parameter>\\n</function>\\n</tool_call>
+render_call(fmt, name, arguments) writes a call as the family's model does (the warm start's reference episodes);
+from_tags(text, names, fmt, schemas) rewrites a tags-syntax turn into the family's syntax.
 "arguments" given as a JSON string (as the OpenAI API sends them) are parsed. xml parameter values are text;
 a value whose schema type is not "string" is read as JSON when it parses (verl's and vLLM's Qwen3-coder
 parsers do the same). A malformed call becomes an error observation the policy sees, never a crash.
@@ -120,12 +122,15 @@ def _xml(text, types):
     return out
 
 
+def _tags(names):
+    return re.compile(r"<(" + "|".join(map(re.escape, names)) + r")>(.*?)</\1>", re.DOTALL)
+
+
 def parse_calls(text, names, fmt, schemas=None):
     """[(name, arguments) or (None, error text)] of the tool calls in one turn, in order. names: the tool
     names (the tags syntax uses them as tags); schemas: their JSON schemas (xml parameter types)."""
     if fmt == "tags":
-        pat = re.compile(r"<(" + "|".join(map(re.escape, names)) + r")>(.*?)</\1>", re.DOTALL)
-        return [(m.group(1), m.group(2).strip()) for m in pat.finditer(text)]
+        return [(m.group(1), m.group(2).strip()) for m in _tags(names).finditer(text)]
     if fmt == "hermes":
         return _hermes(text)
     if fmt == "llama3":
@@ -133,3 +138,32 @@ def parse_calls(text, names, fmt, schemas=None):
     if fmt == "xml":
         return _xml(text, _param_types(schemas))
     raise ValueError(f"unknown tool-call format {fmt!r}; one of {FORMATS}")
+
+
+def render_call(fmt, name, arguments):
+    """One tool call as the family's chat template writes an assistant message's `tool_calls` (json.dumps's
+    separators are the templates' tojson); the parsers above read it back."""
+    if fmt == "hermes":
+        return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}) + "\n</tool_call>"
+    if fmt == "llama3":
+        return json.dumps({"name": name, "parameters": arguments})
+    if fmt == "xml":
+        params = "".join(f"<parameter={k}>\n{v if isinstance(v, str) else json.dumps(v)}\n</parameter>\n"
+                         for k, v in arguments.items())
+        return f"<tool_call>\n<function={name}>\n{params}</function>\n</tool_call>"
+    if fmt == "tags":
+        return f"<{name}>{next(iter(arguments.values()), '')}</{name}>"
+    raise ValueError(f"unknown tool-call format {fmt!r}; one of {FORMATS}")
+
+
+def from_tags(text, names, fmt, schemas=None):
+    """A turn written in the tags syntax (a task's reference episodes: <calc>12*34</calc>) in format fmt. A
+    tags call passes one text argument; it becomes the schema's first required parameter (else "input")."""
+    if fmt == "tags":
+        return text
+    first = {}
+    for s in schemas or []:
+        fn = s.get("function", s)
+        params = fn.get("parameters") or {}
+        first[fn.get("name")] = (params.get("required") or list(params.get("properties", {})) or ["input"])[0]
+    return _tags(names).sub(lambda m: render_call(fmt, m.group(1), {first.get(m.group(1), "input"): m.group(2).strip()}), text)

@@ -63,7 +63,7 @@ def sft_steps(model, tok, task, args, device, steps, lr, log=None, desc="warm st
 
 def warm_start(model, tok, task, args, device, log):
     """Run (or load from the cache) the supervised warm start; the cache key covers everything it depends on."""
-    key = json.dumps(["v2", args.model, args.task, args.data, args.chat, args.seed, args.warm_start_steps,
+    key = json.dumps(["v3", args.model, args.task, args.data, args.chat, args.seed, args.warm_start_steps,
                       args.warm_start_lr, args.warmup_steps, args.prompts_per_step, args.cfg.group_size, D.world_size(),
                       args.micro_batch]
                      + ([args.prompt_key, args.answer_key] if args.prompt_key or args.answer_key else []))
