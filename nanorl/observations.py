@@ -94,6 +94,17 @@ class Observations:
             self._ends[key] = next((t for t in self.tok.added_tokens if tail.startswith(t)), "")
         return self._ends[key]
 
+    def turn_text(self, message, tools=None):
+        """What the template writes for an assistant message after the generation prompt, up to its end-of-turn
+        marker: the text a model trained on this template emits (the warm start's reference turns)."""
+        head = self._render(_BASE[:1], tools, True)
+        full = self._render(_BASE[:1] + [message], tools, False)
+        if not full.startswith(head):
+            raise UserError("the chat template renders an assistant message unlike its generation prompt, so "
+                            "reference episodes cannot be written; add --warm-start-steps 0 or pass --chat-template")
+        text, end = full[len(head):], self.end_marker(tools)
+        return text[:text.find(end)] if end and end in text else text
+
     def _delta(self, msgs, tools):
         """The template's text after the base's end-of-turn marker: the messages and the next assistant header."""
         end = self.end_marker(tools)

@@ -37,7 +37,7 @@ from nanorl.env import Env, Step
 from nanorl.observations import Observations
 from nanorl.sampler import generate
 from nanorl.tasks import score
-from nanorl.tool_formats import from_tags
+from nanorl.tool_formats import tags_message, takes_tools
 from nanorl.tool_pool import run_contained
 
 
@@ -305,8 +305,8 @@ def reference_episode(task, ex, tok, chat):
 
     ex.meta["turns"] (multi-turn tasks): [(policy text, observation text or None), ...], each policy turn
     plus its stop token with mask 1, each observation with mask 0; plain tasks: the solution plus its stop
-    token. Tool calls in the turns are written in the tags syntax; a chat ToolEnv gets them in its family's
-    syntax (tool_formats.from_tags). In chat episodes the observations are the environment's own answers to
+    token. Tool calls in the turns are written in the tags syntax; in a chat ToolEnv a turn is the text the chat
+    template writes for the assistant message with those calls (Observations.turn_text). In chat episodes the observations are the environment's own answers to
     the turns, templated as the rollout templates them (observations.py), and a turn ends with the
     template's end-of-turn marker (<|im_end|>), so the warm start teaches exactly the episodes RL samples.
     """
@@ -323,7 +323,8 @@ def reference_episode(task, ex, tok, chat):
     try:
         for text, obs in turns:
             if fmt != "tags":
-                text = from_tags(text, list(env.tool_set.fns), fmt, env.tool_set.schemas)
+                msg = tags_message(text, list(env.tool_set.fns), env.tool_set.schemas, takes_tools(tok.chat_template))
+                text = observe.turn_text(msg, tools)
             ids = tok.encode(text, add_bos=False) + [stop]
             tokens, mask = tokens + ids, mask + [1] * len(ids)
             if obs is None:

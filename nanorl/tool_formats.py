@@ -11,8 +11,8 @@ templates from TRL's wheel and check the policy's text is exactly that):
   llama3  Llama 3.1 / 3.2 JSON tool calling:   {"name": "calc", "parameters": {"expr": "12*34"}}
   xml     Qwen3.5 / Qwen3.6 / Nemotron 3:
           <tool_call>\\n<function=calc>\\n<parameter=expr>\\n12*34\\n</parameter>\\n</function>\\n</tool_call>
-render_call(fmt, name, arguments) writes a call as the family's model does (the warm start's reference episodes);
-from_tags(text, names, fmt, schemas) rewrites a tags-syntax turn into the family's syntax.
+render_call(fmt, name, arguments) writes one call as the family's model does; tags_message turns a tags-syntax
+reference turn into the assistant message a chat template renders (the warm start's reference episodes).
 "arguments" given as a JSON string (as the OpenAI API sends them) are parsed. xml parameter values are text;
 a value whose schema type is not "string" is read as JSON when it parses (verl's and vLLM's Qwen3-coder
 parsers do the same). A malformed call becomes an error observation the policy sees, never a crash.
@@ -156,14 +156,22 @@ def render_call(fmt, name, arguments):
     raise ValueError(f"unknown tool-call format {fmt!r}; one of {FORMATS}")
 
 
-def from_tags(text, names, fmt, schemas=None):
-    """A turn written in the tags syntax (a task's reference episodes: <calc>12*34</calc>) in format fmt. A
-    tags call passes one text argument; it becomes the schema's first required parameter (else "input")."""
-    if fmt == "tags":
-        return text
+def tags_message(text, names, schemas=None, structured=True):
+    """The assistant message of a turn written in the tags syntax (a task's reference episodes:
+    <calc>12*34</calc>): its calls as `tool_calls` (structured: for templates that render them), else as Hermes
+    text in the content. A tags call passes one text argument: the schema's first required parameter."""
     first = {}
     for s in schemas or []:
         fn = s.get("function", s)
         params = fn.get("parameters") or {}
         first[fn.get("name")] = (params.get("required") or list(params.get("properties", {})) or ["input"])[0]
-    return _tags(names).sub(lambda m: render_call(fmt, m.group(1), {first.get(m.group(1), "input"): m.group(2).strip()}), text)
+    calls = []
+
+    def call(m):
+        calls.append((m.group(1), {first.get(m.group(1), "input"): m.group(2).strip()}))
+        return "" if structured else render_call("hermes", *calls[-1])
+    content = _tags(names).sub(call, text)
+    if not structured or not calls:
+        return {"role": "assistant", "content": content}
+    return {"role": "assistant", "content": content.strip(),
+            "tool_calls": [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]}

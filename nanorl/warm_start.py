@@ -37,6 +37,7 @@ def sft_steps(model, tok, task, args, device, steps, lr, log=None, desc="warm st
     stream = PromptStream(task, D.rank(), D.world_size())
     batch = args.prompts_per_step * args.cfg.group_size
     model.train()
+    shown = time.time()
     for step in range(steps):
         exs = stream.next(batch)[1]
         refs = [reference_episode(task, ex, tok, args.chat) for ex in exs]  # (prompt, tokens, mask): turns + EOS
@@ -55,8 +56,9 @@ def sft_steps(model, tok, task, args, device, steps, lr, log=None, desc="warm st
         nll = float(D.all_reduce(sums["nll"].to(device)))  # each micro-batch's share of the global mean
         if on_metrics:
             on_metrics({"step": step + 1, "nll": nll, "lr": opt.param_groups[0]["lr"]})
-        if log and (step % 50 == 0 or step == steps - 1):
+        if log and (step % 50 == 0 or step == steps - 1 or time.time() - shown > 30):  # a real model: every 30 s
             log(f"{desc} step {step + 1}/{steps}: nll {nll:.3f}")
+            shown = time.time()
     model.eval()
     return policy
 

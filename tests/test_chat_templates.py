@@ -33,7 +33,7 @@ from nanorl.observations import Observations
 from nanorl.rollout import check_prompts, run_episodes
 from nanorl.tasks import make_task
 from nanorl.tokenizer import Tokenizer, load_tokenizer
-from nanorl.tool_formats import detect, takes_tools
+from nanorl.tool_formats import detect, render_call, takes_tools
 
 _spec = importlib.util.find_spec("trl")
 TRL = os.path.join(_spec.submodule_search_locations[0], "chat_templates") if _spec else None
@@ -169,10 +169,34 @@ def tool_episode(tok, ref, name, kwargs, monkeypatch):
                             assistant(src, "1+2", think=think), {"role": "tool", "content": "3"},
                             assistant(src, answer=f"The answer is {ex.answer}.", think=think)]
     texts = policy_texts(ref, msgs, env.tools, kwargs)
+    # the warm start writes a call as the family's template does (after any reasoning the model writes first)
+    assert texts[0].rstrip("\n").endswith(render_call(env.fmt, "calc", {"expr": ex.meta["expr"]}))
+    assert texts[1].rstrip("\n").endswith(render_call(env.fmt, "calc", {"expr": "1+2"}))
     end = tok.encode(Observations(tok).end_marker(env.tools))[0]
     monkeypatch.setattr(R, "generate", scripted_generate(tok, texts, end))
     e, = run_episodes(None, tok, task, [ex], 1, max_turns=4, max_new_tokens=64, chat=True)
     assert (e.turns, e.tool_calls, e.tool_errors, e.reward, e.finish_reason) == (3, 2, 0, 1.0, "stop")
+    check_episode(tok, ref, e, msgs, env.tools, kwargs, texts)
+
+
+@pytest.mark.parametrize("name,kwargs", [c for c in CASES if c[0] in SUPPORTED])
+def test_warm_start_tool_episode_equals_the_template_rendering(toks, name, kwargs):
+    """The supervised warm start's reference episode (a calc call, its result, the answer) in chat mode is the
+    reference template's rendering of that conversation, token for token, with mask 1 on the two turns and
+    their end-of-turn tokens: the warm start teaches the episodes the rollout samples."""
+    tok, ref = family(toks, name, kwargs)
+    src, task = _src(name), make_task("calc:digits=2,tool_frac=1")
+    if "<think>" in src and thinks(ref, kwargs):
+        pytest.skip("the template leaves its reasoning to the model; the reference episodes carry none")
+    ex = task.train_example(0)
+    env = task.make_env(tok, True)
+    msgs = env.reset(ex) + [assistant(src, ex.meta["expr"], think=False), {"role": "tool", "content": ex.answer},
+                            assistant(src, answer=ex.answer, think=False)]
+    texts = policy_texts(ref, msgs, env.tools, kwargs)
+    prompt, tokens, mask = R.reference_episode(task, ex, tok, True)
+    e = R.Episode(prompt, tokens, mask, [0.0] * len(tokens), 1.0, 2, "stop")
+    first = mask.index(0)
+    e.turn_spans = [(0, first), (first + mask[first:].index(1), len(tokens))]
     check_episode(tok, ref, e, msgs, env.tools, kwargs, texts)
 
 
