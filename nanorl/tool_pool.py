@@ -60,8 +60,11 @@ class ToolPool:
         self.limits, self.sticky = limits, sticky
         self.workers = [None] * self.n
         self.locks = [threading.Lock() for _ in range(self.n)]
-        self.free = queue.Queue()
-        for i in range(self.n):
+        # last in, first out: calls one after another reuse one worker. A fork keeps the trainer's memory as it
+        # was at that moment (copy-on-write), so workers forked at many different training steps would each
+        # keep their own copy of the weights and optimizer state (a CPU run ran out of memory that way)
+        self.free = queue.LifoQueue()
+        for i in reversed(range(self.n)):
             self.free.put(i)
 
     def ensure(self, k):

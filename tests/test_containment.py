@@ -44,6 +44,17 @@ def _count(text, state):  # tags format: the text between the tags, then the sta
     return state["n"]
 
 
+def test_calls_one_after_another_reuse_one_worker():
+    """A fork pins the trainer's memory as it was (copy-on-write): sequential calls (the warm start's reference
+    episodes, one per training step) must not fork a new worker each time."""
+    pool = ToolPool(lambda op, ep, name, args: os.getpid(), workers=8, timeout=30)
+    try:
+        pids = {pool.call(k, ("call", k, "f", None))[0] for k in range(6)}
+        assert len(pids) == 1 and sum(w is not None for w in pool.workers) == 1
+    finally:
+        pool.close()
+
+
 def test_stateful_tools_have_per_episode_state_and_close(tmp_path):
     closed = tmp_path / "closed"
 
