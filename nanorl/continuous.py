@@ -86,8 +86,8 @@ class Engine:
         if len(prompt) + budget > self.model.cfg.max_seq_len:
             raise UserError(f"continuous batching: a prompt plus its answer has {len(prompt) + budget} tokens, over "
                             f"the model's context {self.model.cfg.max_seq_len}")
-        if len(prompt) + budget > self.room:
-            self._grow(len(prompt) + budget)
+        if len(prompt) + budget > self.room:  # geometric: a stream of ever longer prompts reallocates rarely
+            self._grow(max(len(prompt) + budget, self.room * 5 // 4))
         U = torch.rand(n, budget, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).tolist()
         i = len(self.subs)
         self.subs.append([prompt, n, budget, U, tag])
