@@ -5,25 +5,44 @@
 The last R ranks only sample (nanorl.rollout, on their own copy of the policy); the first N - R only train
 (train.py's loop, with DDP or FSDP2 among themselves: dist.use_group points every collective at their
 group). The trainers' step j trains on batch j, which the R rollout ranks make together, each its share
-of the prompts, exactly as R synchronous ranks would. Three channels connect the two sides:
+of the prompts, exactly as R synchronous ranks would. Three channels connect the two sides (4: how a
+rollout rank keeps its slots full):
 
 1. Samples. A rollout rank puts its share of batch j, pickled, into the job's TCP store (key batch/j/r),
-   with the policy version that sampled it, its exact behaviour logprobs (Episode.sampling_logprobs) and
-   its prompt stream's position. A write never waits for a reader, so the rollout side runs ahead.
+   with the policy version of each group, its exact behaviour logprobs (Episode.sampling_logprobs) and its
+   prompt stream's position just after batch j's prompts. A write never waits for a reader, so the rollout
+   side runs ahead.
 2. Admission (AReaL, arXiv 2505.24298, `max_head_offpolicyness`). A rollout rank starts batch j only with
    weights of version >= j - K, where version v = the weights after v training steps. So the step that
-   trains batch j sees a staleness j - v in [0, K], and the trainers check it. K = 0 is the synchronous
-   loop with its two halves on different ranks: the same samples, the same update, bit for bit on a CPU.
+   trains batch j sees a staleness j - v in [0, K] for every group, and the trainers check it. K = 0 is the
+   synchronous loop with its two halves on different ranks: the same samples, the same update, bit for bit.
 3. Weights. After every step (one batch: its --mini-batches x ppo_epochs optimizer steps, 1 by default)
    the trainers gather the weights the same way on every rank (the sampler copy that train.py's
    _copy_weights refreshes from the FSDP shards; with LoRA the LoRA model's own parameters), and trainer
    0 broadcasts version v over the group [trainer 0] + rollout ranks, asynchronously: a header (v, layout,
-   checksum), then one flat buffer per dtype. Between two batches a rollout rank takes every announced
-   version, in order, checks its checksum and finds it in place: its sampler's parameters are views into
+   checksum), then one flat buffer per dtype. Between two batches (streaming: between two decode steps) a
+   rollout rank takes every announced version, in order, checks its checksum and finds it in place: its sampler's parameters are views into
    the flat buffers it receives into, so their storage never moves (captured CUDA graphs stay valid).
    With LoRA only the adapters travel after the first version, and the rollout rank merges them into its
    sampler itself. (Tested with gloo on CPUs only: under NCCL trainer 0's broadcast stays pending on the
-   GPU until the rollout ranks reach their next batch boundary.)
+   GPU until the rollout ranks reach their next batch boundary or decode step.)
+
+4. Streaming (K >= 1 on single-turn tasks, without DAPO's dynamic sampling or ReMax's greedy baseline; the
+   rank logs which path runs). Batch by batch, a rollout rank's longest answer would hold its whole batch;
+   instead (Streamer) it keeps --rollout-slots decode slots full (nanorl/continuous.py's Engine, Orca's
+   continuous batching): the prompts come group by group from its PromptStream, a group of batch j is
+   admitted (queued for free slots) once the weights have version >= j - K, and when a row finishes the next
+   row waiting takes its slot, at the same decode step, so batch j + 1's groups decode beside batch j's
+   longest rows (stream_overlap_steps counts those steps). Between decode steps the rank takes every version
+   announced, in place (PipelineRL's in-flight update, arXiv 2509.19128), each rollout rank on its own: the
+   store tells it the version and the stop flag, no collective among the rollout ranks. The rows decoding go
+   on with the new weights over their cache as the old weights wrote it, as in PipelineRL: a row's later
+   tokens come from newer weights attending to keys and values of older ones, and its behaviour logprobs are
+   exactly the probabilities each token was drawn with (so the IS weight below sees this mixture as it is).
+   A group's version is the weights its first row was admitted with (the oldest that produced any of its
+   tokens), so 0 <= trained step - version <= K holds per group. When all of batch j's rows are done (and
+   batch j - 1's share is out) the rank scores them and builds the batch as rollout.rollout does
+   (rollout.make_batch), then pushes the share.
 
 The loss corrects the staleness with the rollout importance weight pi_old / mu (algos.token_weights:
 is_level, is_mode, is_threshold; truncated token-level IS, threshold 2, by default when K >= 1: Yao et al.'s
@@ -33,7 +52,8 @@ weight makes it decoupled PPO (AReaL). Each step logs the staleness histogram, t
 weight was truncated or masked (is_clip_frac) and the effective sample size (is_ess, in (0, 1]).
 
 Resume: only the trainers checkpoint. The checkpoint's `position` is each rollout rank's prompt-stream
-position after the last trained batch, so a restarted job drops whatever was in flight and the rollout
+position after the last trained batch's prompts (a streaming rank has drawn further: each share carries
+the position just after its own batch), so a restarted job drops whatever was in flight and the rollout
 ranks re-dispatch those prompts: none skipped, none trained twice. A rank that dies takes the job down
 (torchrun); a rank that hangs is named by the one waiting on it within --dist-timeout.
 """
