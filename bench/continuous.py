@@ -149,8 +149,8 @@ def rank(a, model):
     base = sum(lens) / t_b
     for name, (dt, st, out) in best.items():
         tokens = sum(len(c.tokens) for c in out)
-        print(f"| {name} | {dt:.2f} | {tokens} | {tokens / dt:.0f} ({tokens / dt / base:.2f}x) | {st['decode_steps']} | "
-              f"{st['decode_rows'] / st['decode_steps']:.1f} |")
+        print(f"| {name} | {dt:.2f} | {tokens} | {tokens / dt:.0f} ({tokens / dt / base:.2f}x) | "
+              f"{st['decode_steps']} | {st['decode_rows'] / st['decode_steps']:.1f} |")
 
 
 if __name__ == "__main__":

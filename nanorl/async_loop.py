@@ -5,8 +5,8 @@
 The last R ranks only sample (nanorl.rollout, on their own copy of the policy); the first N - R only train
 (train.py's loop, with DDP or FSDP2 among themselves: dist.use_group points every collective at their
 group). The trainers' step j trains on batch j, which the R rollout ranks make together, each its share
-of the prompts, exactly as R synchronous ranks would. Three channels connect the two sides (4: how a
-rollout rank keeps its slots full):
+of the prompts, exactly as R synchronous ranks would. Three channels connect the two sides (1-3), and a
+rollout rank keeps its decode slots full (4):
 
 1. Samples. A rollout rank puts its share of batch j, pickled, into the job's TCP store (key batch/j/r),
    with the policy version of each group, its exact behaviour logprobs (Episode.sampling_logprobs) and its
@@ -21,8 +21,9 @@ rollout rank keeps its slots full):
    _copy_weights refreshes from the FSDP shards; with LoRA the LoRA model's own parameters), and trainer
    0 broadcasts version v over the group [trainer 0] + rollout ranks, asynchronously: a header (v, layout,
    checksum), then one flat buffer per dtype. Between two batches (streaming: between two decode steps) a
-   rollout rank takes every announced version, in order, checks its checksum and finds it in place: its sampler's parameters are views into
-   the flat buffers it receives into, so their storage never moves (captured CUDA graphs stay valid).
+   rollout rank takes every announced version, in order, checks its checksum and finds it in place: its
+   sampler's parameters are views into the flat buffers it receives into, so their storage never moves
+   (captured CUDA graphs stay valid).
    With LoRA only the adapters travel after the first version, and the rollout rank merges them into its
    sampler itself. (Tested with gloo on CPUs only: under NCCL trainer 0's broadcast stays pending on the
    GPU until the rollout ranks reach their next batch boundary or decode step.)
@@ -380,14 +381,13 @@ def rollout_rank(lay, model, tok, task, args, cfg, scorer, device):
     step, positions = pickle.loads(lay.store.get("start"))
     stream = PromptStream(task, lay.index, lay.R)
     stream.position = positions[lay.index]
-    streaming = streams(args, cfg, task, tok)
+    streamer = Streamer(lay, weights, tok, task, args, cfg, scorer, stream) if streams(args, cfg, task, tok) else None
     if lay.index == 0:
-        slots = args.rollout_slots or args.prompts_per_step // lay.R * cfg.group_size
-        print("rollout ranks: " + (f"streaming (continuous batching in {slots} slots, admission per group, in-flight "
-              f"weight updates)" if streaming else f"per batch (K = {lay.K}, or a task, filter or baseline that "
-              f"needs whole batches)"), file=sys.stderr, flush=True)
-    if streaming:
-        Streamer(lay, weights, tok, task, args, cfg, scorer, stream).run(step)
+        print("rollout ranks: " + (f"streaming (continuous batching in {streamer.slots} slots, admission per group, "
+              f"in-flight weight updates)" if streamer else f"per batch (K = {lay.K}, or a task, filter or baseline "
+              f"that needs whole batches)"), file=sys.stderr, flush=True)
+    if streamer:
+        streamer.run(step)
         return 0
     for j in range(step, args.steps):
         if not weights.catch_up(max(j - lay.K, step)):  # the first batch: the trainers' weights at the start
@@ -421,7 +421,7 @@ class InFlight:
     versions: list     # per group: the weights' version when its first row took a slot
     left: int          # rows still decoding or waiting
     t0: float
-    stream: dict = field(default_factory=lambda: dict(overlap_steps=0, inflight_updates=0))
+    counters: dict = field(default_factory=lambda: dict(overlap_steps=0, inflight_updates=0))
 
 
 class Streamer:
@@ -449,7 +449,7 @@ class Streamer:
                 if taken:  # in flight: the rows decoding go on with the new weights (PipelineRL)
                     eng.repack()
                     for j in {tag[0] for tag in eng.live_tags()}:
-                        self.batches[j].stream["inflight_updates"] += taken
+                        self.batches[j].counters["inflight_updates"] += taken
                 if stop:
                     return
                 while admit < args.steps and w.version is not None and w.version >= max(admit - lay.K, first):
@@ -469,7 +469,7 @@ class Streamer:
                 live = {tag[0] for tag in eng.live_tags()}
                 if len(live) > 1:  # this step's forward held rows of two batches or more
                     for j in live:
-                        self.batches[j].stream["overlap_steps"] += 1
+                        self.batches[j].counters["overlap_steps"] += 1
                 for (j, g), k, c in done:
                     b = self.batches[j]
                     b.comps[g * self.G + k] = c
@@ -499,5 +499,5 @@ class Streamer:
         st["groups_kept"] = len(groups)
         batch = make_batch([g[:3] for g in groups], eps, st, self.cfg)
         share = dict(version=min(b.versions), versions=b.versions, position=b.position, batch=batch,
-                     seconds=time.time() - b.t0, stream=b.stream)
+                     seconds=time.time() - b.t0, stream=b.counters)
         self.lay.store.set(f"batch/{j}/{self.lay.index}", pickle.dumps(share))

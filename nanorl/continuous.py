@@ -53,7 +53,7 @@ class Engine:
         self.sampling = (temperature, top_k, top_p)
         self.stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=self.device)
         self.stats = stats if stats is not None else {}
-        self.subs = []          # submission id -> [prompt, n, budget, uniforms [n][budget], tag]
+        self.subs, self.n_subs = {}, 0  # submission id -> [prompt, n, budget, uniforms [n][budget], tag, rows left]
         self.queue = deque()    # rows waiting, in order: (submission id, sample index)
         self.prefilled = {}     # submission id -> (k, v, last logits) until its last row is admitted
         self.slot_row = [None] * slots  # slot -> [submission id, sample index, tokens, logprobs, logqs], or None
@@ -89,8 +89,8 @@ class Engine:
         if len(prompt) + budget > self.room:  # geometric: a stream of ever longer prompts reallocates rarely
             self._grow(max(len(prompt) + budget, self.room * 5 // 4))
         U = torch.rand(n, budget, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).tolist()
-        i = len(self.subs)
-        self.subs.append([prompt, n, budget, U, tag])
+        i, self.n_subs = self.n_subs, self.n_subs + 1
+        self.subs[i] = [prompt, n, budget, U, tag, n]
         self.queue.extend((i, j) for j in range(n))
         return i
 
@@ -133,7 +133,8 @@ class Engine:
         for s in live:
             i, j, toks = self.slot_row[s][:3]
             u[s] = self.subs[i][3][j][len(toks)]
-        tok, lp, lq = sample_token(self.logits, *self.sampling, torch.tensor(u, dtype=torch.float64, device=self.device))
+        u = torch.tensor(u, dtype=torch.float64, device=self.device)
+        tok, lp, lq = sample_token(self.logits, *self.sampling, u)
         hit = torch.isin(tok, self.stop).tolist()
         tok_l, lp_l, lq_l = tok.tolist(), lp.tolist(), lq.tolist()
         done = []
@@ -143,9 +144,13 @@ class Engine:
             lps.append(lp_l[s])
             lqs.append(lq_l[s])
             if hit[s] or len(toks) == self.subs[i][2]:
-                done.append((self.subs[i][4], j, Completion(prompt_index=i, tokens=toks, logprobs=lps, sampling_logprobs=lqs,
-                                                            finish_reason="stop" if hit[s] else "length", mask=[1] * len(toks))))
+                c = Completion(prompt_index=i, tokens=toks, logprobs=lps, sampling_logprobs=lqs,
+                               finish_reason="stop" if hit[s] else "length", mask=[1] * len(toks))
+                done.append((self.subs[i][4], j, c))
                 self.slot_row[s] = None
+                self.subs[i][5] -= 1
+                if not self.subs[i][5]:  # a stream of prompts: keep only the ones with rows to come
+                    del self.subs[i]
         stats["tokens"] = stats.get("tokens", 0) + len(live)
         if all(r is None for r in self.slot_row):
             return done

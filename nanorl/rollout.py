@@ -217,7 +217,7 @@ def run_episodes(model, tok, task, examples, n, max_turns, max_new_tokens, tempe
     # one turn: the environment steps after generation, so the sampler looks at the host only every sync_every
     # tokens (on_turn_end needs it every token); it returns None at a single turn's end either way
     single = max_turns == 1
-    assert completions is None or (single and len(completions) == len(envs)), "made completions: single-turn, one per row"
+    assert completions is None or (single and len(completions) == len(envs)), "completions: single-turn, one a row"
     res = completions or generate(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, top_k=top_k, stop_ids=tok.eos_ids, seed=seed,
                                   on_turn_end=None if single else on_turn_end, max_total_tokens=budget)

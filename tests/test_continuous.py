@@ -69,13 +69,15 @@ def test_engine_fed_over_time_equals_generate(model):
                 eng.submit(subs[i][0], 3, subs[i][1], subs[i][2], tag=i)
             got.update({(i, j): c for i, j, c in eng.step()})
             t += 1
+        assert not eng.subs and not eng.prefilled  # nothing kept of a finished prompt (a stream never ends)
     assert st["grows"] == 1 and st["regrows"] >= 1 and st["prefills"] == 13
     for i, (p, m, sd) in enumerate(subs):
         ref = generate(model, [p], n=3, max_new_tokens=m, seed=[sd], **sampling)
         for j, r in enumerate(ref):
             c = got[(i, j)]
             assert c.tokens == r.tokens and c.finish_reason == r.finish_reason
-            assert max(abs(x - y) for x, y in zip(c.logprobs + c.sampling_logprobs, r.logprobs + r.sampling_logprobs)) < 1e-5
+            lps, want = c.logprobs + c.sampling_logprobs, r.logprobs + r.sampling_logprobs
+            assert max(abs(x - y) for x, y in zip(lps, want)) < 1e-5
     assert any(c.logprobs != c.sampling_logprobs for c in got.values())  # the truncation was live
 
 
@@ -102,7 +104,7 @@ def test_in_flight_weight_update(model):
         for c in out.values():
             ids = torch.tensor([prompt + c.tokens[:t_update]])
             cache = model.new_cache(1, len(prompt) + 20)
-            z = model(ids, kv_cache=cache)[0, len(prompt) - 1:]  # the tokens before the update, and the one drawn after it
+            z = model(ids, kv_cache=cache)[0, len(prompt) - 1:]  # the tokens before the update, and the next one
             want = torch.log_softmax(z, -1).gather(-1, torch.tensor(c.tokens[:t_update + 1])[:, None])[:, 0].tolist()
             for tok_, nxt in zip(c.tokens[t_update:-1], c.tokens[t_update + 1:]):
                 z = new(torch.tensor([[tok_]]), kv_cache=cache)[0, -1]
