@@ -79,7 +79,7 @@ real_publish, real_receive = async_loop.Trainer.publish, async_loop.Weights.rece
 def take(self, step, r):
     share = real_take(self, step, r)
     record("train", event="take", step=step, version=share["version"], versions=share["versions"],
-           ids=[e.id for e in share["batch"]["ex"]], stream=share.get("stream"))
+           ids=[e.id for e in share["batch"]["ex"]], stream=share.get("stream"), position=share["position"])
     return share
 
 

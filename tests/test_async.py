@@ -102,6 +102,8 @@ def test_streaming_admits_the_next_batch_while_one_decodes(tmp_path):
     assert rows[0]["stream_overlap_steps"] > 0 and sum(r["stream_overlap_steps"] for r in rows) >= 4
     took = [e for e in events(os.path.join(out, "probe"), "train") if e["event"] == "take"]
     assert all(0 <= e["step"] - v <= 1 for e in took for v in e["versions"])
+    # batches 0 and 1 were admitted at once, yet each share's resume point is the stream just after its own prompts
+    assert [e["position"] for e in took] == [4 * (e["step"] + 1) for e in took]
     assert torchrun(2, ref, *flags, "--algo", "remax").returncode == 0  # per batch
     want = {e["step"]: list(dict.fromkeys(e["ids"])) for e in events(os.path.join(ref, "probe"), "train")
             if e["event"] == "take"}  # ReMax samples one row per prompt
@@ -111,10 +113,11 @@ def test_streaming_admits_the_next_batch_while_one_decodes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", [pytest.param(0, marks=pytest.mark.long), 1], ids=["trainer", "rollout"])
 def test_kill_9_then_resume_skips_no_prompt(tmp_path, victim):
-    """K = 1, checkpoints every 2 steps; one side is killed (kill -9) after step 3 with batches in flight (the
-    rollout rank streams: its groups of two batches in its slots at once). The resumed job trains exactly the
-    straight run's prompts, step for step: none lost, none twice."""
-    flags = ["--steps", "6", "--save-every", "2", "--rollout-ranks", "1", "--max-staleness", "1"]
+    """K = 2, checkpoints every 2 steps; one side is killed (kill -9) after step 3 with batches in flight. The
+    rollout rank streams with slots for three batches' rows: it admits batches 0-2 at once, so when it pushes
+    batch 1 its prompt stream is past batch 2 (the checkpoint at step 2 must hold the position after batch 1).
+    The resumed job trains exactly the straight run's prompts, step for step: none lost, none twice."""
+    flags = ["--steps", "6", "--save-every", "2", "--rollout-ranks", "1", "--max-staleness", "2", "--rollout-slots", "96"]
     straight = str(tmp_path / "straight")
     assert torchrun(2, straight, *flags).returncode == 0
     out, probe = str(tmp_path / "killed"), str(tmp_path / "probe")
@@ -128,10 +131,13 @@ def test_kill_9_then_resume_skips_no_prompt(tmp_path, victim):
     n_before = len(events(probe, "train"))
     res = torchrun(2, out, *flags, "--resume", probe=probe)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "rollout ranks: streaming" in res.stderr
     resumed = [e for e in events(probe, "train")[n_before:] if e["event"] == "take"]
     first = resumed[0]["step"]
     assert first in (2, 4)  # the last checkpoint
-    expect = {e["step"]: e["ids"] for e in events(os.path.join(straight, "probe"), "train") if e["event"] == "take"}
+    took = [e for e in events(os.path.join(straight, "probe"), "train") if e["event"] == "take"]
+    assert [e["position"] for e in took] == [4 * (e["step"] + 1) for e in took]  # not the stream's, ahead
+    expect = {e["step"]: e["ids"] for e in took}
     assert [e["step"] for e in resumed] == list(range(first, 6))
     assert all(e["ids"] == expect[e["step"]] for e in resumed)
     assert [r["step"] for r in metrics(out)] == list(range(1, 7))
