@@ -115,8 +115,9 @@ def test_streaming_admits_the_next_batch_while_one_decodes(tmp_path):
 def test_kill_9_then_resume_skips_no_prompt(tmp_path, victim):
     """K = 2, checkpoints every 2 steps; one side is killed (kill -9) after step 3 with batches in flight. The
     rollout rank streams with slots for three batches' rows: it admits batches 0-2 at once, so when it pushes
-    batch 1 its prompt stream is past batch 2 (the checkpoint at step 2 must hold the position after batch 1).
-    The resumed job trains exactly the straight run's prompts, step for step: none lost, none twice."""
+    batch 0 its prompt stream is past batch 2, and each share's position (what a checkpoint keeps) must be the
+    one just after its own batch. The resumed job trains exactly the straight run's prompts, step for step:
+    none lost, none twice."""
     flags = ["--steps", "6", "--save-every", "2", "--rollout-ranks", "1", "--max-staleness", "2", "--rollout-slots", "96"]
     straight = str(tmp_path / "straight")
     assert torchrun(2, straight, *flags).returncode == 0
