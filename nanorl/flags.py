@@ -150,6 +150,8 @@ def parse_args(argv=None, description=None):
                    "then trains, the synchronous loop)")
     p.add_argument("--max-staleness", type=int, default=None, help="K: a sample's policy is at most K steps older "
                    "than the step that trains on it (default 1 with --rollout-ranks; 0 = synchronous)")
+    p.add_argument("--rollout-slots", type=int, default=None, help="decode slots of a streaming rollout rank "
+                   "(continuous batching, K >= 1; default: its rows per step, prompts-per-step / R x group size)")
     # every field of the --algo preset, e.g. --eps-high 0.28 --kl-coef 0 --agg token_mean
     g = p.add_argument_group("algorithm settings (default: the --algo preset's)")
     for f in dataclasses.fields(algos.AlgoConfig):
@@ -187,6 +189,9 @@ def parse_args(argv=None, description=None):
     if args.max_staleness is not None and (args.max_staleness < 0 or not args.rollout_ranks):
         raise UserError(f"--max-staleness {args.max_staleness} needs --rollout-ranks R >= 1 and K >= 0 (asynchronous "
                         f"RL); drop it for the synchronous loop")
+    if args.rollout_slots is not None and (args.rollout_slots < 1 or not args.rollout_ranks):
+        raise UserError(f"--rollout-slots {args.rollout_slots} needs --rollout-ranks R >= 1 and S >= 1 (a streaming "
+                        f"rollout rank's decode slots); drop it for the synchronous loop")
     if args.rollout_ranks and args.max_staleness is None:
         args.max_staleness = 1
     if args.max_staleness:  # stale samples: truncated importance sampling pi_old / pi_sampler unless set otherwise

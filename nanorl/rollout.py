@@ -113,7 +113,7 @@ def prompt_ids(prompt, tok, tools=None):
 def run_episodes(model, tok, task, examples, n, max_turns, max_new_tokens, temperature=1.0, seed=None, *,
                  top_p=1.0, top_k=0, chat=False, max_episode_tokens=None, max_obs_tokens=None, max_tool_output_chars=4000,
                  reward_timeout=10.0, env_cls=None, stats=None, scorer=None, env_timeout=None, tool_workers=None,
-                 max_tool_calls=None, tool_limits=None):
+                 max_tool_calls=None, tool_limits=None, completions=None):
     """len(examples) * n episodes, grouped by example; see the module docstring.
 
     max_new_tokens bounds each turn, max_episode_tokens (default max_turns * max_new_tokens, plus as many
@@ -125,6 +125,8 @@ def run_episodes(model, tok, task, examples, n, max_turns, max_new_tokens, tempe
     workers' limits ({"memory_mb": .., "cpu_s": ..}; None: the tool set's own). stats: a dict
     that receives reward_errors, reward_timeouts, score_s, tool_calls, tool_errors, obs_truncated, env_errors
     (summed). scorer: learned rewards added to the task's (reward_model.make_scorer; see score_episodes).
+    completions: single-turn rows sampled already (the streaming rollout rank's continuous batching,
+    nanorl/async_loop.py), one per episode, from the prompts the environments' resets give: no sampling here.
     """
     if max_turns < 1:
         raise UserError(f"--max-turns {max_turns} must be >= 1")
@@ -215,9 +217,10 @@ def run_episodes(model, tok, task, examples, n, max_turns, max_new_tokens, tempe
     # one turn: the environment steps after generation, so the sampler looks at the host only every sync_every
     # tokens (on_turn_end needs it every token); it returns None at a single turn's end either way
     single = max_turns == 1
-    res = generate(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                   top_k=top_k, stop_ids=tok.eos_ids, seed=seed, on_turn_end=None if single else on_turn_end,
-                   max_total_tokens=budget)
+    assert completions is None or (single and len(completions) == len(envs)), "completions: single-turn, one a row"
+    res = completions or generate(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_p=top_p, top_k=top_k, stop_ids=tok.eos_ids, seed=seed,
+                                  on_turn_end=None if single else on_turn_end, max_total_tokens=budget)
     if single:
         stopped = [r for r, c in enumerate(res) if c.finish_reason == "stop"]
         on_turn_end(stopped, [res[r].tokens for r in stopped])
@@ -369,49 +372,63 @@ def rollout(sampler_model, tok, task, stream, args, cfg, scorer=None):
     out (every rank must run the same number of micro-batches). Returns per-row data and counters.
     """
     G, n_local = cfg.group_size, args.prompts_per_step // D.world_size()
-    kept, dropped, rewards, correct = [], [], [], []
+    kept, dropped, generated = [], [], []
     st = {"gen_batches": 0, "reward_errors": 0, "reward_timeouts": 0, "score_s": 0.0}
     kw = episode_args(args, task) | dict(scorer=scorer)
     while len(kept) < n_local:
         idx, exs = stream.next(args.prompts_per_step)
         eps = run_episodes(sampler_model, tok, task, exs, G, temperature=args.temperature, top_p=args.top_p,
                            top_k=args.top_k, seed=[example_seed(args.seed, i) for i in idx], stats=st, **kw)
-        rewards.append(torch.tensor([e.reward for e in eps], dtype=torch.float32))
-        correct.append(torch.tensor([e.correct for e in eps], dtype=torch.float32))
-        # DAPO's overlong penalty: the policy tokens of the longest turn (--max-new-tokens is a per-turn budget)
-        R = algos.shape_rewards(rewards[-1], longest_turns(eps), args.max_new_tokens, cfg,
-                                torch.tensor([e.formatted for e in eps]), torch.tensor([e.finish_reason != "stop" for e in eps]))
-        R = _exclude_env_errors(R, eps, G)
-        # filter on the task reward, not the shaped one (DAPO filters on accuracy: verl's metric=acc)
-        keep = algos.filter_groups(rewards[-1], G, cfg.filter_groups, cfg.reward_max)
-        for gi, ex in enumerate(exs):
-            (kept if keep[gi] else dropped).append((ex, eps[gi * G:(gi + 1) * G], R[gi * G:(gi + 1) * G]))
+        generated += eps
+        for ex, g_eps, R, keep in shaped_groups(eps, exs, args, cfg):
+            (kept if keep else dropped).append((ex, g_eps, R))
         st["gen_batches"] += 1
         if cfg.filter_groups == "none" or 0 < cfg.max_gen_batches <= st["gen_batches"]:
             break
     st["groups_kept"] = min(len(kept), n_local)
     if cfg.filter_groups != "none" and int(D.all_reduce(len(kept))) == 0:
-        mean = float(torch.cat(rewards).mean())
+        mean = sum(e.reward for e in generated) / len(generated)
         verdict = "too hard for the model" if mean <= 0.5 else "too easy for the model"
         raise TrainingStopped(f"dynamic sampling: every group had equal rewards in {st['gen_batches']} generation "
                               f"batches (mean reward {mean:.2f}): the task is {verdict}; pick another task or model, "
                               f"raise --max-gen-batches, or set --filter-groups none")
     groups = (kept + dropped)[:n_local]
-    rows = [(ex, e) for ex, eps, _ in groups for e in eps]
-    R = torch.cat([g[2] for g in groups])
-    zero = cfg.zero_truncated
-    batch = dict(prompts=[e.prompt for _, e in rows], comps=[e.tokens for _, e in rows],
-                 masks=[[0] * len(e.mask) if e.finish_reason == "env_error" else e.mask for _, e in rows],
-                 ex=[ex for ex, _ in rows], episodes=[e for _, e in rows],
-                 steps=[_steps(e, float(r), zero) for (_, e), r in zip(rows, R)],
-                 sampler_logp=[e.sampling_logprobs for _, e in rows], R=R,
-                 truncated=torch.tensor([e.finish_reason != "stop" for _, e in rows]),
-                 valid=torch.arange(len(groups)).repeat_interleave(G) < st["groups_kept"],
-                 rewards=torch.cat(rewards), correct=torch.cat(correct), stats=st)
+    batch = make_batch(groups, generated, st, cfg)
     if cfg.needs_greedy_baseline:  # ReMax: each prompt's greedy response, scored, is its baseline
         greedy = run_episodes(sampler_model, tok, task, [g[0] for g in groups], 1, temperature=0, **kw)
         batch["baseline"] = torch.tensor([e.reward for e in greedy])
     return batch
+
+
+def shaped_groups(eps, exs, args, cfg):
+    """One generation's groups: [(example, its episodes, their shaped rewards R, kept by the group filter)]."""
+    G = cfg.group_size
+    rewards = torch.tensor([e.reward for e in eps], dtype=torch.float32)
+    # DAPO's overlong penalty: the policy tokens of the longest turn (--max-new-tokens is a per-turn budget)
+    R = algos.shape_rewards(rewards, longest_turns(eps), args.max_new_tokens, cfg,
+                            torch.tensor([e.formatted for e in eps]), torch.tensor([e.finish_reason != "stop" for e in eps]))
+    R = _exclude_env_errors(R, eps, G)
+    # filter on the task reward, not the shaped one (DAPO filters on accuracy: verl's metric=acc)
+    keep = algos.filter_groups(rewards, G, cfg.filter_groups, cfg.reward_max)
+    return [(ex, eps[gi * G:(gi + 1) * G], R[gi * G:(gi + 1) * G], keep[gi]) for gi, ex in enumerate(exs)]
+
+
+def make_batch(groups, generated, st, cfg):
+    """One RL step's data: per-row lists and tensors of `groups` [(example, episodes, R)], of which the first
+    st["groups_kept"] count (the rest are masked out); the task rewards of every episode `generated` (the
+    metrics); the counters st. rollout() and the streaming rollout rank (nanorl/async_loop.py) both build it here."""
+    rows = [(ex, e) for ex, eps, _ in groups for e in eps]
+    R = torch.cat([g[2] for g in groups])
+    zero = cfg.zero_truncated
+    return dict(prompts=[e.prompt for _, e in rows], comps=[e.tokens for _, e in rows],
+                masks=[[0] * len(e.mask) if e.finish_reason == "env_error" else e.mask for _, e in rows],
+                ex=[ex for ex, _ in rows], episodes=[e for _, e in rows],
+                steps=[_steps(e, float(r), zero) for (_, e), r in zip(rows, R)],
+                sampler_logp=[e.sampling_logprobs for _, e in rows], R=R,
+                truncated=torch.tensor([e.finish_reason != "stop" for _, e in rows]),
+                valid=torch.arange(len(groups)).repeat_interleave(cfg.group_size) < st["groups_kept"],
+                rewards=torch.tensor([e.reward for e in generated], dtype=torch.float32),
+                correct=torch.tensor([e.correct for e in generated], dtype=torch.float32), stats=st)
 
 
 def longest_turns(eps):

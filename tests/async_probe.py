@@ -5,7 +5,7 @@ and a record of what each side saw, one JSON line per event in $NANORL_PROBE/<ro
 
 Records: "take" (trainer: step, the sample's version, the example ids it trains), "publish" (trainer 0: version,
 layout, a hash of its sampler's weights), "receive" (rollout: version, a hash of its sampler's weights).
-NANORL_PROBE_FAIL=N: the rollout rank raises in its N-th batch.
+NANORL_PROBE_FAIL=N: the rollout rank raises in its N-th batch (per batch or streaming: its N-th share pushed).
 """
 
 import hashlib
@@ -58,7 +58,18 @@ def rollout(*a, **k):
     return real_rollout(*a, **k)
 
 
-async_loop.rollout = rollout
+real_push = async_loop.Streamer.push
+
+
+def push(self, j, b):  # a streaming rollout rank: the same delays and failure, per batch pushed
+    batches[0] += 1
+    if batches[0] == FAIL:
+        raise RuntimeError("the rollout rank failed on purpose")
+    time.sleep(rng.uniform(0, DELAY))
+    return real_push(self, j, b)
+
+
+async_loop.rollout, async_loop.Streamer.push = rollout, push
 train.update = delayed(train.update)
 
 real_next, real_take = async_loop.Trainer.next, async_loop.Trainer._take
@@ -67,7 +78,8 @@ real_publish, real_receive = async_loop.Trainer.publish, async_loop.Weights.rece
 
 def take(self, step, r):
     share = real_take(self, step, r)
-    record("train", event="take", step=step, version=share["version"], ids=[e.id for e in share["batch"]["ex"]])
+    record("train", event="take", step=step, version=share["version"], versions=share["versions"],
+           ids=[e.id for e in share["batch"]["ex"]], stream=share.get("stream"), position=share["position"])
     return share
 
 

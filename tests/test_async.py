@@ -57,20 +57,26 @@ def test_staleness_0_equals_the_synchronous_run(tmp_path):
     for x, y in zip(rows_a, rows_b):
         assert {k: v for k, v in x.items() if k not in TIMING} == {k: y[k] for k in x if k not in TIMING}
         assert y["staleness_0"] == 1.0
+    assert "rollout ranks: per batch" in res.stderr  # K = 0 keeps the per-batch path (bit for bit)
 
 
-@pytest.mark.parametrize("nproc,extra", [(2, []), (2, ["--lora-rank", "4"]), pytest.param(3, ["--fsdp"], marks=pytest.mark.long)],
-                         ids=["full", "lora", "fsdp"])
+@pytest.mark.parametrize("nproc,extra", [(2, []), (2, ["--lora-rank", "4"]), (2, ["--algo", "remax"]),
+                                         pytest.param(3, ["--fsdp"], marks=pytest.mark.long)],
+                         ids=["full", "lora", "per-batch", "fsdp"])
 def test_staleness_bound_and_weight_sync_under_random_delays(tmp_path, nproc, extra):
-    """Random sleeps before every sample batch and every update: 0 <= step - version <= K for every sample
-    trained, and after every sync the rollout rank's sampler weights hash equal to the trainer's (LoRA: merged
-    there from the adapters alone; fsdp: 2 trainer ranks gather the shards)."""
+    """Random sleeps before every sample batch (streaming: every share pushed) and every update: 0 <= step -
+    version <= K for every group trained (streaming: each group's own version, the weights its first row was
+    admitted with, in-flight updates taken while it decodes), and after every sync the rollout rank's sampler
+    weights hash equal to the trainer's (LoRA: merged there from the adapters alone; fsdp: 2 trainer ranks gather
+    the shards). ReMax's greedy baseline needs whole batches: that one runs the per-batch path at K = 2."""
     K, out = 2, str(tmp_path / "o")
     res = torchrun(nproc, out, "--steps", "8", "--rollout-ranks", "1", "--max-staleness", str(K), *extra, delay=0.3)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert ("rollout ranks: per batch" if "remax" in extra else "rollout ranks: streaming") in res.stderr
     took = [e for e in events(os.path.join(out, "probe"), "train") if e["event"] == "take"]
     assert sorted(e["step"] for e in took) == sorted(list(range(8)) * (nproc - 1))  # every trainer takes every step
-    lags = [e["step"] - e["version"] for e in took]
+    assert all(len(e["versions"]) == 4 for e in took)  # one per group: 4 prompts a step
+    lags = [e["step"] - v for e in took for v in e["versions"]]
     assert all(0 <= lag <= K for lag in lags), lags
     published = {e["version"]: e for e in events(os.path.join(out, "probe"), "train") if e["event"] == "publish"}
     received = {e["version"]: e["hash"] for e in events(os.path.join(out, "probe"), "rollout")}
@@ -83,12 +89,36 @@ def test_staleness_bound_and_weight_sync_under_random_delays(tmp_path, nproc, ex
     assert all(0 < r["is_ess"] <= 1 and 0 <= r["is_clip_frac"] <= 1 for r in rows)
 
 
+def test_streaming_admits_the_next_batch_while_one_decodes(tmp_path):
+    """K = 1 with room for two batches' rows (--rollout-slots 64): batch j + 1's groups take slots while batch j's
+    rows decode (stream_overlap_steps: the decode steps that held rows of both, logged per step), every group's
+    version stays within K, and the prompts trained are the per-batch run's, step for step (the same stream)."""
+    flags = ["--steps", "4", "--rollout-ranks", "1", "--max-staleness", "1", "--max-new-tokens", "12"]
+    out, ref = str(tmp_path / "o"), str(tmp_path / "ref")
+    res = torchrun(2, out, *flags, "--rollout-slots", "64")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rollout ranks: streaming (continuous batching in 64 slots" in res.stderr
+    rows = metrics(out)
+    assert rows[0]["stream_overlap_steps"] > 0 and sum(r["stream_overlap_steps"] for r in rows) >= 4
+    took = [e for e in events(os.path.join(out, "probe"), "train") if e["event"] == "take"]
+    assert all(0 <= e["step"] - v <= 1 for e in took for v in e["versions"])
+    # batches 0 and 1 were admitted at once, yet each share's resume point is the stream just after its own prompts
+    assert [e["position"] for e in took] == [4 * (e["step"] + 1) for e in took]
+    assert torchrun(2, ref, *flags, "--algo", "remax").returncode == 0  # per batch
+    want = {e["step"]: list(dict.fromkeys(e["ids"])) for e in events(os.path.join(ref, "probe"), "train")
+            if e["event"] == "take"}  # ReMax samples one row per prompt
+    assert {e["step"]: list(dict.fromkeys(e["ids"])) for e in took} == want
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("victim", [pytest.param(0, marks=pytest.mark.long), 1], ids=["trainer", "rollout"])
 def test_kill_9_then_resume_skips_no_prompt(tmp_path, victim):
-    """K = 1, checkpoints every 2 steps; one side is killed (kill -9) after step 3 with batches in flight. The
-    resumed job trains exactly the straight run's prompts, step for step."""
-    flags = ["--steps", "6", "--save-every", "2", "--rollout-ranks", "1", "--max-staleness", "1"]
+    """K = 2, checkpoints every 2 steps; one side is killed (kill -9) after step 3 with batches in flight. The
+    rollout rank streams with slots for three batches' rows: it admits batches 0-2 at once, so when it pushes
+    batch 0 its prompt stream is past batch 2, and each share's position (what a checkpoint keeps) must be the
+    one just after its own batch. The resumed job trains exactly the straight run's prompts, step for step:
+    none lost, none twice."""
+    flags = ["--steps", "6", "--save-every", "2", "--rollout-ranks", "1", "--max-staleness", "2", "--rollout-slots", "96"]
     straight = str(tmp_path / "straight")
     assert torchrun(2, straight, *flags).returncode == 0
     out, probe = str(tmp_path / "killed"), str(tmp_path / "probe")
@@ -102,10 +132,13 @@ def test_kill_9_then_resume_skips_no_prompt(tmp_path, victim):
     n_before = len(events(probe, "train"))
     res = torchrun(2, out, *flags, "--resume", probe=probe)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "rollout ranks: streaming" in res.stderr
     resumed = [e for e in events(probe, "train")[n_before:] if e["event"] == "take"]
     first = resumed[0]["step"]
     assert first in (2, 4)  # the last checkpoint
-    expect = {e["step"]: e["ids"] for e in events(os.path.join(straight, "probe"), "train") if e["event"] == "take"}
+    took = [e for e in events(os.path.join(straight, "probe"), "train") if e["event"] == "take"]
+    assert [e["position"] for e in took] == [4 * (e["step"] + 1) for e in took]  # not the stream's, ahead
+    expect = {e["step"]: e["ids"] for e in took}
     assert [e["step"] for e in resumed] == list(range(first, 6))
     assert all(e["ids"] == expect[e["step"]] for e in resumed)
     assert [r["step"] for r in metrics(out)] == list(range(1, 7))
@@ -149,6 +182,8 @@ def test_a_failing_rollout_rank_ends_the_job(tmp_path):
     (["--max-staleness", "1"], ["--max-staleness", "--rollout-ranks"]),
     (["--rollout-ranks", "-1"], ["--rollout-ranks -1"]),
     (["--rollout-ranks", "1", "--algo", "sft"], ["--rollout-ranks", "sft"]),
+    (["--rollout-slots", "8"], ["--rollout-slots 8", "--rollout-ranks"]),
+    (["--rollout-ranks", "1", "--rollout-slots", "0"], ["--rollout-slots 0", "S >= 1"]),
 ])
 def test_bad_async_flags_are_one_line(tmp_path, args, words):
     res = cli(*FAST, "--out", str(tmp_path / "o"), "--steps", "1", *args)
