@@ -216,6 +216,10 @@ def _merge_lora(args, tok):
         load_model(args.out).save_pretrained(os.path.join(args.out, "merged"), tokenizer=tok)
 
 
+def _tool_rate(ev):
+    return f", tool-call rate {ev['tool_call_rate']:.2f}" if "tool_call_rate" in ev else ""
+
+
 def _summary(out, **kw):
     if D.is_main():
         with atomic_file(os.path.join(out, "summary.json")) as f:
@@ -339,9 +343,10 @@ def main(argv=None):
             if name.startswith((".tmp-", ".old-")):  # a checkpoint write that was killed: never complete
                 shutil.rmtree(os.path.join(args.out, "ckpt", name), ignore_errors=True)
     log(f"nanorl: {config_summary(model)} | task {task.name} | algo {cfg.name} | {world} rank(s) on {device}")
+    ev = {}  # the held-out tool-call rate of tool tasks
     if acc_before is None:
-        acc_before = evaluate(sampler_model, tok, task, args, device, eval_examples)
-        log(f"held-out greedy accuracy before RL: {acc_before:.3f}")
+        acc_before = evaluate(sampler_model, tok, task, args, device, eval_examples, ev)
+        log(f"held-out greedy accuracy before RL: {acc_before:.3f}" + _tool_rate(ev))
     if rank == 0:
         if saved is None and os.path.isdir(os.path.join(args.out, "ckpt")):
             log(f"{args.out} held a previous run: starting over (continue a run with --resume instead)")
@@ -430,15 +435,16 @@ def main(argv=None):
     if stop["signal"] is not None:
         log(f"stopped by signal {stop['signal']}: checkpoint saved at step {step}; continue with --resume")
         return 0
-    acc_after = evaluate(sampler_model, tok, task, args, device, eval_examples)
+    acc_after = evaluate(sampler_model, tok, task, args, device, eval_examples, ev)
     _merge_lora(args, tok)
     seconds = time.time() - t_start
     _summary(args.out, acc_before=acc_before, acc_after=acc_after, steps=step, seconds=round(seconds, 1),
-             algo=cfg.name, task=task.name, model=args.model)
+             algo=cfg.name, task=task.name, model=args.model,
+             **({"tool_call_rate_after": ev["tool_call_rate"]} if "tool_call_rate" in ev else {}))
     if rank == 0:
         plot(args.out)
     log(f"held-out greedy accuracy: before RL {acc_before:.3f} -> after RL {acc_after:.3f} "
-        f"({step} steps, {seconds:.0f}s); policy saved in {args.out}/")
+        f"({step} steps, {seconds:.0f}s){_tool_rate(ev)}; policy saved in {args.out}/")
     return 0
 
 

@@ -479,12 +479,16 @@ def policy_token_budget(args, task):
 
 @torch.no_grad()
 def evaluate(model, tok, task, args, device, examples=None, stats=None):
-    """Held-out greedy accuracy over eval_n examples (each rank does its share); stats: see run_episodes."""
+    """Held-out greedy accuracy over eval_n examples (each rank does its share); stats: see run_episodes, plus
+    `tool_call_rate` (all ranks: the fraction of episodes that called a tool) for multi-turn tasks."""
     examples = examples if examples is not None else task.eval_examples(args.eval_n)
     mine = examples[D.rank()::D.world_size()]
-    correct = 0.0
+    correct = tools = 0.0
     for s in range(0, len(mine), 256):
         eps = run_episodes(model, tok, task, mine[s:s + 256], 1, temperature=0, stats=stats, **episode_args(args, task))
         correct += sum(e.correct for e in eps)
-    tot = D.all_reduce([correct, float(len(mine))])
+        tools += sum(e.tool_calls > 0 for e in eps)
+    tot = D.all_reduce([correct, float(len(mine)), tools])
+    if stats is not None and episode_args(args, task)["max_turns"] > 1:
+        stats["tool_call_rate"] = float(tot[2] / tot[1].clamp(min=1))
     return float(tot[0] / tot[1].clamp(min=1))

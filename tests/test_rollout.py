@@ -286,6 +286,23 @@ def test_an_answer_only_the_tool_wrote_earns_nothing():
     assert tok.decode([t for t, m in zip(tokens, mask) if m == 1]) == f"<calc>{ex.meta['expr']}</calc>{ex.answer}"
 
 
+def test_chat_warm_start_episode_on_smollm2(smollm2):
+    """The warm start's reference episode in chat mode (SmolLM2-135M-Instruct, no `tools` in its template): the
+    Hermes call the system prompt asks for, the calculator's own answer as a `tool` message, each policy turn
+    ending on <|im_end|> (not <|endoftext|>, the tokenizer's first eos), mask 1 exactly on the turns."""
+    _, tok = smollm2
+    task = make_task("calc:tool_frac=1")
+    ex = task.train_example(0)
+    prompt, tokens, mask = reference_episode(task, ex, tok, True)
+    call = f'<tool_call>\n{{"name": "calc", "arguments": {{"expr": "{ex.meta["expr"]}"}}}}\n</tool_call>'
+    assert tok.decode(prompt, skip_special_tokens=False).endswith(
+        f"{task.instruction.strip()}<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(tokens, skip_special_tokens=False) == (
+        f"{call}<|im_end|>\n<|im_start|>tool\n{ex.answer}<|im_end|>\n<|im_start|>assistant\n{ex.answer}<|im_end|>")
+    assert tok.decode([t for t, m in zip(tokens, mask) if m], skip_special_tokens=False) == \
+        f"{call}<|im_end|>{ex.answer}<|im_end|>"
+
+
 def test_chat_tool_episode_equals_the_template_of_the_final_messages(smollm2, monkeypatch):
     """SmolLM2-135M-Instruct's own template: decoded episode == template(final messages); mask-1 spans are
     exactly the assistant contents plus their end token. The policy's turns are scripted (the sampler's part
