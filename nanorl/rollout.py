@@ -489,6 +489,6 @@ def evaluate(model, tok, task, args, device, examples=None, stats=None):
         correct += sum(e.correct for e in eps)
         tools += sum(e.tool_calls > 0 for e in eps)
     tot = D.all_reduce([correct, float(len(mine)), tools])
-    if stats is not None and episode_args(args, task)["max_turns"] > 1:
+    if stats is not None and episode_args(args, task)["max_turns"] > 1 and (hasattr(task, "tool_set") or tot[2] > 0):
         stats["tool_call_rate"] = float(tot[2] / tot[1].clamp(min=1))
     return float(tot[0] / tot[1].clamp(min=1))
