@@ -172,6 +172,28 @@ def test_train_goes_on_and_counts_env_errors(tmp_path):
     assert [r["env_errors"] for r in rows] == [2, 2]
 
 
+def test_evaluate_reports_the_held_out_tool_call_rate(monkeypatch):
+    """train.py prints evaluate's tool-call rate beside the accuracy: the fraction of held-out episodes (all
+    ranks) that called a tool. Scripted: episodes 0 and 2 call the calculator, 1 and 3 answer bare."""
+    from conftest import scripted_generate
+
+    from nanorl import rollout as R
+    from nanorl.rollout import evaluate
+
+    tok, task = load_tokenizer("tiny"), make_task("calc")
+    exs = task.eval_examples(4)
+    script = lambda r: ([f"<calc>{exs[r].meta['expr']}</calc>", exs[r].answer] if r % 2 == 0  # noqa: E731
+                        else [exs[r].answer])
+    monkeypatch.setattr(R, "generate", scripted_generate(tok, script, tok.eos_ids[0]))
+    args = type("Args", (), dict(max_turns=3, max_new_tokens=16, chat=False, eval_n=4))()
+    ev = {}
+    assert evaluate(None, tok, task, args, None, exs, ev) == 1.0
+    assert ev["tool_call_rate"] == 0.5
+    ev = {}
+    evaluate(None, tok, make_task("guess"), args, None, make_task("guess").eval_examples(2), ev)
+    assert "tool_call_rate" not in ev  # no tools: no rate
+
+
 def test_tool_flags_reach_the_tool_set():
     from nanorl.flags import parse_args
     from nanorl.rollout import episode_args, _configure_tools
