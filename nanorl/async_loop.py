@@ -338,11 +338,15 @@ class Weights:
         store = self.lay.store
         stop = store.check(["stop"])  # first: the version read after a stop is the last one
         v = int(store.get("version")) if self.version is not None or store.check(["version"]) else -1
+        return self._take_to(v), stop
+
+    def _take_to(self, v):
+        """Receive the versions up to v (the first one at least), in order; returns how many."""
         taken = 0
         while self.version is None or self.version < v:
             self.receive()
             taken += 1
-        return taken, stop
+        return taken
 
     def catch_up(self, need):
         """Take every announced version; first wait (rollout rank 0 polls the store) until one is >= need,
@@ -356,8 +360,7 @@ class Weights:
         if self.lay.index == 0:
             poll(ready, None if need is None else self.lay.timeout, f"trainer 0 sent no weights of version {need}")
         v, stop = D.broadcast_object((seen["v"], seen["stop"]) if self.lay.index == 0 else None)  # all agree
-        while self.version is None or self.version < v:
-            self.receive()
+        self._take_to(v)
         return not stop
 
 

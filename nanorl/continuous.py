@@ -37,7 +37,7 @@ import torch
 
 from nanorl import UserError
 from nanorl.linear import cpu_gemm_rows, logits as lm_logits, packed_cpu_weights
-from nanorl.sampler import Completion, sample_token
+from nanorl.sampler import Completion, prompt_seeds, row_uniforms, sample_token
 
 
 class Engine:
@@ -88,7 +88,7 @@ class Engine:
                             f"the model's context {self.model.cfg.max_seq_len}")
         if len(prompt) + budget > self.room:  # geometric: a stream of ever longer prompts reallocates rarely
             self._grow(max(len(prompt) + budget, self.room * 5 // 4))
-        U = torch.rand(n, budget, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).tolist()
+        U = row_uniforms(seed, n, budget).tolist()
         i, self.n_subs = self.n_subs, self.n_subs + 1
         self.subs[i] = [prompt, n, budget, U, tag, n]
         self.queue.extend((i, j) for j in range(n))
@@ -236,7 +236,7 @@ def generate_continuous(model, prompts, n=1, max_new_tokens=128, temperature=1.0
     """
     P = len(prompts)
     budgets = [max_new_tokens] * P if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    seeds = [(seed * 1000003 + i) % (1 << 63) for i in range(P)] if isinstance(seed, int) else list(seed)
+    seeds = prompt_seeds(seed, P)
     if len(budgets) != P or len(seeds) != P or min(budgets) < 1 or not all(prompts):
         raise UserError("generate_continuous: one budget >= 1 and one seed per non-empty prompt")
     longest = max(len(p) + m for p, m in zip(prompts, budgets))

@@ -320,8 +320,9 @@ def reference_episode(task, ex, tok, chat):
     stop = tok.eos_ids[0]
     if not isinstance(p, str):
         observe = Observations(tok)
-        end = tok.encode(observe.end_marker(tools), add_bos=False) if observe.end_marker(tools) else []
-        stop = end[0] if len(end) == 1 and end[0] in tok.eos_ids else stop
+        marker = observe.end_marker(tools)
+        end = tok.encode(marker, add_bos=False) if marker else []
+        stop = end[0] if len(end) == 1 and end[0] in tok.eos_ids else stop  # <|im_end|>, not <|endoftext|>
     tokens, mask = [], []
     try:
         for text, obs in turns:
@@ -484,11 +485,12 @@ def evaluate(model, tok, task, args, device, examples=None, stats=None):
     examples = examples if examples is not None else task.eval_examples(args.eval_n)
     mine = examples[D.rank()::D.world_size()]
     correct = tools = 0.0
+    kw = episode_args(args, task)
     for s in range(0, len(mine), 256):
-        eps = run_episodes(model, tok, task, mine[s:s + 256], 1, temperature=0, stats=stats, **episode_args(args, task))
+        eps = run_episodes(model, tok, task, mine[s:s + 256], 1, temperature=0, stats=stats, **kw)
         correct += sum(e.correct for e in eps)
         tools += sum(e.tool_calls > 0 for e in eps)
     tot = D.all_reduce([correct, float(len(mine)), tools])
-    if stats is not None and episode_args(args, task)["max_turns"] > 1 and (hasattr(task, "tool_set") or tot[2] > 0):
+    if stats is not None and kw["max_turns"] > 1 and (hasattr(task, "tool_set") or tot[2] > 0):
         stats["tool_call_rate"] = float(tot[2] / tot[1].clamp(min=1))
     return float(tot[0] / tot[1].clamp(min=1))

@@ -285,6 +285,20 @@ class DecodeGraphs:
         return view.drop(done, in_place=True)
 
 
+def prompt_seeds(seed, P):
+    """One sampling seed per prompt: a list as given; one int: prompt i gets a seed derived from (seed, i); None:
+    a fresh base from the OS (torch.seed() would reseed the global CPU generator and every CUDA one)."""
+    if seed is not None and not isinstance(seed, int):
+        return list(seed)
+    base = seed if seed is not None else secrets.randbits(62)
+    return [(base * 1000003 + i) % (1 << 63) for i in range(P)]
+
+
+def row_uniforms(seed, n, steps):
+    """[n, steps] float64 uniforms of a prompt's n rows from its seed: a row's t-th token uses its t-th."""
+    return torch.rand(n, steps, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
 @torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0, top_k=0, stop_ids=(),
              seed=None, cuda_graph=None, sync_every=None, on_token=None, stats=None, on_turn_end=None,
@@ -320,13 +334,9 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
     Lp = int(lens.max())
     budget = max_total_tokens or max_new_tokens
     S = min(Lp + budget, model.cfg.max_seq_len)
-    seeds = [seed] * P if seed is None or isinstance(seed, int) else list(seed)
+    seeds = prompt_seeds(seed, P)
     if len(seeds) != P:
         raise UserError(f"generate: {len(seeds)} seeds for {P} prompts; pass one int or one per prompt")
-    if seed is None or isinstance(seed, int):  # one int: prompt i gets a seed derived from (seed, i)
-        # a fresh seed from the OS: torch.seed() would reseed the global CPU generator and every CUDA one
-        base = seed if seed is not None else secrets.randbits(62)
-        seeds = [(base * 1000003 + i) % (1 << 63) for i in range(P)]
     stop = torch.tensor(sorted(set(stop_ids)) or [-1], device=device)
     use_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
     sync_every = 1 if on_turn_end else sync_every or (16 if device.type == "cuda" else 1)  # turn ends need the host
@@ -375,8 +385,7 @@ def generate(model, prompts, n=1, max_new_tokens=128, temperature=1.0, top_p=1.0
 
         # 3. decode; buffers stay on the device, rows are identified by `row_id` through compaction
         steps = min(budget, S - Lp)
-        U = torch.cat([torch.rand(n, steps, dtype=torch.float64, generator=torch.Generator().manual_seed(sd))
-                       for sd in seeds]).to(device)  # [B, steps]: row i*n+j's uniforms, independent of the batch
+        U = torch.cat([row_uniforms(sd, n, steps) for sd in seeds]).to(device)  # [B, steps]: row i*n+j's, any batch
         out_tok = torch.zeros(B, steps, dtype=torch.long, device=device)
         out_lp = torch.zeros(B, steps, device=device)
         out_lq = torch.zeros(B, steps, device=device)
